@@ -1,0 +1,295 @@
+// CPU kernels of the psft_ext ops: forward (loss + metrics), backward, token log-probs.
+//
+// One row (token) at a time per thread, rows spread over threads with at::parallel_for. A row is
+// read in blocks of kBlock elements converted to float32 (L1-resident), so bf16/fp16 logits are
+// read once in their own dtype and accumulated in float32. The forward keeps a running softmax
+// (max, sum, entropy term) across blocks, rebased once per block; the backward recomputes
+// softmax from the saved lse. Nothing N x V is allocated except the gradient itself.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../psft_checks.h"
+#include "../psft_math.h"
+#include "cpu_vec_math.h"
+
+// Each row kernel is compiled twice on x86-64 Linux (AVX2+FMA and baseline) and picked at load
+// time, so a wheel built anywhere runs fast on current CPUs and still runs on old ones.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define PSFT_CPU_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PSFT_CPU_KERNEL
+#endif
+#define PSFT_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+// The logits dtypes the ops accept (checked before dispatch).
+#define PSFT_DISPATCH_LOGITS(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace psft {
+namespace cpu {
+namespace {
+
+// Softmax statistics of x = z * inv_t over one row.
+template <typename T>
+PSFT_ALWAYS_INLINE SoftmaxStats row_softmax_stats_impl(const T* row, int64_t vocab, float inv_t) {
+  SoftmaxStats st = softmax_empty();
+  alignas(64) float x[kBlock];
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, vocab - start);
+    for (int64_t j = 0; j < n; ++j) x[j] = to_float(row[start + j]) * inv_t;
+
+    float lane_max[kLanes];
+    for (int l = 0; l < kLanes; ++l) lane_max[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane_max[l] = std::max(lane_max[l], x[j + l]);
+    float block_max = -INFINITY;
+    for (; j < n; ++j) block_max = std::max(block_max, x[j]);
+    for (int l = 0; l < kLanes; ++l) block_max = std::max(block_max, lane_max[l]);
+
+    const float m = std::max(st.m, block_max);
+    st = softmax_rebase(st, m);
+    // While every element so far is -inf, measure against 0: exp(-inf) = 0 without NaN.
+    const float ref = m == -INFINITY ? 0.0f : m;
+    float lane_s[kLanes] = {}, lane_w[kLanes] = {};
+    j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        // Clamped so exp(-inf) * -inf never forms; NaN passes through to s.
+        const float xm = max_keep_nan(x[j + l] - ref, -100.0f);
+        const float e = exp_fast(xm);
+        lane_s[l] += e;
+        lane_w[l] += e * xm;
+      }
+    for (; j < n; ++j) {
+      const float xm = max_keep_nan(x[j] - ref, -100.0f);
+      const float e = exp_fast(xm);
+      st.s += e;
+      st.w += e * xm;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      st.s += lane_s[l];
+      st.w += lane_w[l];
+    }
+  }
+  return st;
+}
+
+// grad[j] = scale * (exp(z_j * inv_t - lse) - [j == target]) in T.
+template <typename T>
+PSFT_ALWAYS_INLINE void row_grad_impl(const T* row, int64_t vocab, float inv_t, float lse,
+                                      float scale, int64_t target, T* grad) {
+  alignas(64) float x[kBlock];
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, vocab - start);
+    for (int64_t j = 0; j < n; ++j)
+      x[j] = scale * exp_fast(to_float(row[start + j]) * inv_t - lse);
+    if (target >= start && target < start + n) x[target - start] -= scale;
+    for (int64_t j = 0; j < n; ++j) grad[start + j] = from_float<T>(x[j]);
+  }
+}
+
+PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const float* r, int64_t v, float t) {
+  return row_softmax_stats_impl(r, v, t);
+}
+PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const c10::BFloat16* r, int64_t v, float t) {
+  return row_softmax_stats_impl(r, v, t);
+}
+PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const c10::Half* r, int64_t v, float t) {
+  return row_softmax_stats_impl(r, v, t);
+}
+PSFT_CPU_KERNEL void row_grad(const float* r, int64_t v, float t, float lse, float s, int64_t y,
+                              float* g) {
+  row_grad_impl(r, v, t, lse, s, y, g);
+}
+PSFT_CPU_KERNEL void row_grad(const c10::BFloat16* r, int64_t v, float t, float lse, float s,
+                              int64_t y, c10::BFloat16* g) {
+  row_grad_impl(r, v, t, lse, s, y, g);
+}
+PSFT_CPU_KERNEL void row_grad(const c10::Half* r, int64_t v, float t, float lse, float s,
+                              int64_t y, c10::Half* g) {
+  row_grad_impl(r, v, t, lse, s, y, g);
+}
+
+// Rows per task: enough elements that the scheduling cost is amortized.
+int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)); }
+
+// Reads target ids of either index dtype as int64.
+struct Targets {
+  const void* data;
+  bool is_int32;
+  int64_t operator[](int64_t i) const {
+    return is_int32 ? static_cast<const int32_t*>(data)[i] : static_cast<const int64_t*>(data)[i];
+  }
+};
+
+Targets targets_of(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type() == at::kInt};
+}
+
+int64_t row_stride_of(const at::Tensor& logits) {
+  return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult psft_forward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                               const std::optional<at::Tensor>& old_in,
+                               const std::optional<at::Tensor>& adv_in, double advantage,
+                               double clip_low, double clip_high, double dual_clip,
+                               int64_t ignore_index, double temperature) {
+  const char* op = "psft_forward";
+  check_logits_and_targets(logits_in, targets_in, ignore_index, op);
+  check_per_token(old_in, logits_in, "old_logprobs", op);
+  check_per_token(adv_in, logits_in, "advantages", op);
+  const LossParams params =
+      make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+
+  const at::Tensor logits = rows_with_unit_stride(logits_in);
+  const at::Tensor targets = targets_in.contiguous();
+  const at::Tensor old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
+  const at::Tensor adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
+  const int64_t n = logits.size(0), vocab = logits.size(1), stride = row_stride_of(logits);
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, opts), logp = at::empty({n}, opts),
+             entropy = at::empty({n}, opts), ratio = at::empty({n}, opts),
+             log_ratio = at::empty({n}, opts), clipped = at::empty({n}, opts),
+             lse = at::empty({n}, opts), coef = at::empty({n}, opts);
+  float* outs[8] = {loss.data_ptr<float>(),      logp.data_ptr<float>(),
+                    entropy.data_ptr<float>(),   ratio.data_ptr<float>(),
+                    log_ratio.data_ptr<float>(), clipped.data_ptr<float>(),
+                    lse.data_ptr<float>(),       coef.data_ptr<float>()};
+  const float* old_p = old.defined() ? old.data_ptr<float>() : nullptr;
+  const float* adv_p = adv.defined() ? adv.data_ptr<float>() : nullptr;
+  const Targets tg = targets_of(targets);
+
+  PSFT_DISPATCH_LOGITS(logits.scalar_type(), "psft_forward",
+                                  [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = tg[r];
+        if (y == ignore_index) {
+          for (float* o : outs) o[r] = 0.0f;
+          continue;
+        }
+        const scalar_t* row = base + r * stride;
+        const SoftmaxStats st = row_softmax_stats(row, vocab, params.inv_temperature);
+        const float lse_r = softmax_lse(st);
+        const float logp_r = to_float(row[y]) * params.inv_temperature - lse_r;
+        const TokenLoss t = token_loss(logp_r, old_p ? old_p[r] : logp_r,
+                                       adv_p ? adv_p[r] : params.advantage, params);
+        outs[0][r] = t.loss;
+        outs[1][r] = logp_r;
+        outs[2][r] = softmax_entropy(st);
+        outs[3][r] = t.ratio;
+        outs[4][r] = t.log_ratio;
+        outs[5][r] = t.clipped;
+        outs[6][r] = lse_r;
+        outs[7][r] = t.coef;
+      }
+    });
+  });
+  return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef};
+}
+
+at::Tensor psft_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
+                             const at::Tensor& targets_in, const at::Tensor& lse_in,
+                             const at::Tensor& coef_in, int64_t ignore_index,
+                             double temperature) {
+  const char* op = "psft_backward";
+  // The targets were range-checked by the forward; only shapes are re-checked here.
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, op, ": logits must be 2-D, got ", logits_in.sizes());
+  TORCH_CHECK_VALUE(targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0), op,
+                    ": targets must have shape (N,)");
+  check_per_token(grad_loss_in, logits_in, "grad_loss", op);
+  check_per_token(lse_in, logits_in, "lse", op);
+  check_per_token(coef_in, logits_in, "coef", op);
+  check_temperature(temperature, op);
+  const at::Tensor logits = rows_with_unit_stride(logits_in);
+  const at::Tensor targets = targets_in.contiguous(), g = grad_loss_in.contiguous(),
+                   lse = lse_in.contiguous(), coef = coef_in.contiguous();
+  const int64_t n = logits.size(0), vocab = logits.size(1), stride = row_stride_of(logits);
+  at::Tensor grad = at::empty({n, vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float* g_p = g.data_ptr<float>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* coef_p = coef.data_ptr<float>();
+  const Targets tg = targets_of(targets);
+
+  PSFT_DISPATCH_LOGITS(logits.scalar_type(), "psft_backward",
+                                  [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = tg[r];
+        const float scale = g_p[r] * coef_p[r] * inv_t;
+        scalar_t* grad_row = out + r * vocab;
+        // Ignored and clipped rows have no gradient: skip reading their logits.
+        if (y == ignore_index || scale == 0.0f) {
+          std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * vocab);
+          continue;
+        }
+        row_grad(base + r * stride, vocab, inv_t, lse_p[r], scale, y, grad_row);
+      }
+    });
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_in,
+                                                      const at::Tensor& targets_in,
+                                                      int64_t ignore_index, double temperature) {
+  const char* op = "token_logprobs";
+  check_logits_and_targets(logits_in, targets_in, ignore_index, op);
+  check_temperature(temperature, op);
+  const at::Tensor logits = rows_with_unit_stride(logits_in);
+  const at::Tensor targets = targets_in.contiguous();
+  const int64_t n = logits.size(0), vocab = logits.size(1), stride = row_stride_of(logits);
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, opts), entropy = at::empty({n}, opts);
+  float* logp_p = logp.data_ptr<float>();
+  float* ent_p = entropy.data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const Targets tg = targets_of(targets);
+
+  PSFT_DISPATCH_LOGITS(logits.scalar_type(),
+                                  "token_logprobs", [&] {
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = tg[r];
+        if (y == ignore_index) {
+          logp_p[r] = 0.0f;
+          ent_p[r] = 0.0f;
+          continue;
+        }
+        const scalar_t* row = base + r * stride;
+        const SoftmaxStats st = row_softmax_stats(row, vocab, inv_t);
+        logp_p[r] = to_float(row[y]) * inv_t - softmax_lse(st);
+        ent_p[r] = softmax_entropy(st);
+      }
+    });
+  });
+  return {logp, entropy};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace psft
+
+TORCH_LIBRARY_IMPL(psft_ext, CPU, m) {
+  m.impl("psft_forward", &psft::cpu::psft_forward_cpu);
+  m.impl("psft_backward", &psft::cpu::psft_backward_cpu);
+  m.impl("token_logprobs", &psft::cpu::token_logprobs_cpu);
+}

@@ -1,0 +1,229 @@
+// PSFT forward and token log-probs: one read of each row of logits, an online softmax, and the
+// per-token epilogue (psft::token_loss) on one thread per row.
+#include "psft_common.cuh"
+#include "psft_launch.h"
+
+namespace psft {
+namespace cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Vectors each thread loads before it consumes any: enough bytes in flight per SM to cover the
+// HBM latency at 1024 resident threads.
+constexpr int kUnroll = 4;
+
+// 2^x on the special-function unit. Results below 2^-126 flush to 0; they are negligible next to
+// the running sum, which holds the row maximum's term (about 1).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One thread's softmax statistics in base 2: relative to m2 = max of z * c2 with c2 = log2(e) / tau,
+// s = sum 2^(z * c2 - m2) and w2 = sum 2^(z * c2 - m2) * (z * c2 - m2).
+//
+// The hot loop works in base 2 because expf costs about eight instructions per element and ex2 one;
+// with a fused multiply-add forming z * c2 - m2 the argument carries a single rounding, as
+// x - m does in the natural-base formulation, so accuracy is unchanged. The combination across
+// threads and the final lse / entropy use psft_math.h in natural units (to_natural).
+struct ThreadStats {
+  float m2 = -INFINITY;
+  float s = 0.0f;
+  float w2 = 0.0f;
+};
+
+__device__ __forceinline__ SoftmaxStats to_natural(const ThreadStats& st) {
+  return {st.m2 * kLn2, st.s, st.w2 * kLn2};
+}
+
+// Adds kN logits, with softmax_rebase / softmax_accumulate semantics: the running stats move to a
+// new maximum once per group, -inf logits contribute nothing (never NaN), NaN logits poison s.
+template <int kN>
+__device__ __forceinline__ void accumulate(ThreadStats& st, const float (&z)[kN], float c2) {
+  float z_max = z[0];
+#pragma unroll
+  for (int k = 1; k < kN; ++k) z_max = fmaxf(z_max, z[k]);
+  const float group_max = z_max * c2;  // c2 > 0, so this is the max of z * c2 with the same rounding
+  if (group_max > st.m2) {
+    const float delta = st.m2 - group_max;
+    const float scale = exp2_ftz(delta);  // 0 while the stats are empty (m2 = -inf)
+    st.w2 = scale > 0.0f ? scale * fmaf(delta, st.s, st.w2) : 0.0f;
+    st.s *= scale;
+    st.m2 = group_max;
+  }
+  // While every logit so far is -inf (m2 = -inf), -inf - m2 would be NaN: reference -FLT_MAX
+  // instead, which maps -inf to 2^-inf = 0 and leaves a NaN logit NaN.
+  const float reference = fmaxf(st.m2, -3.402823466e38f);
+#pragma unroll
+  for (int k = 0; k < kN; ++k) {
+    const float arg = fmaf(z[k], c2, -reference);
+    const float e = exp2_ftz(arg);
+    st.s += e;
+    if (e > 0.0f) st.w2 = fmaf(e, arg, st.w2);
+  }
+}
+
+__device__ __forceinline__ void accumulate_one(ThreadStats& st, float z, float c2) {
+  const float single[1] = {z};
+  accumulate(st, single, c2);
+}
+
+// This thread's share of one row: scalar head, kUnroll vectors at a time, scalar tail.
+template <typename T, int kThreadsPerRow>
+__device__ __forceinline__ ThreadStats scan_row(const T* row, int64_t vocab, float c2, int lane) {
+  constexpr int kElems = Vec<T>::kElems;
+  ThreadStats st;
+  const RowSplit split = split_row<T>(row, vocab);
+  if (lane < split.head) accumulate_one(st, load_element(row + lane), c2);
+  const T* body = row + split.head;
+  for (int64_t first = lane; first < split.vectors; first += kUnroll * kThreadsPerRow) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * kThreadsPerRow;
+      if (v < split.vectors) raw[u] = load_raw_vec(body + v * kElems);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (first + static_cast<int64_t>(u) * kThreadsPerRow < split.vectors) {
+        float z[kElems];
+        unpack_vec<T>(raw[u], z);
+        accumulate(st, z, c2);
+      }
+    }
+  }
+  if (lane < split.tail) {
+    accumulate_one(st, load_element(body + split.vectors * kElems + lane), c2);
+  }
+  return st;
+}
+
+struct RowResult {
+  float loss, logp, entropy, ratio, log_ratio, clipped, lse, coef;
+};
+
+__device__ __forceinline__ RowResult uniform_result(float value) {
+  return {value, value, value, value, value, value, value, value};
+}
+
+template <bool kLoss>
+__device__ __forceinline__ void write_result(const ForwardOutputs& out, int64_t row,
+                                             const RowResult& r) {
+  out.logp[row] = r.logp;
+  if (out.entropy != nullptr) out.entropy[row] = r.entropy;
+  if constexpr (kLoss) {
+    out.loss[row] = r.loss;
+    out.ratio[row] = r.ratio;
+    out.log_ratio[row] = r.log_ratio;
+    out.clipped[row] = r.clipped;
+    out.lse[row] = r.lse;
+    out.coef[row] = r.coef;
+  }
+}
+
+// kLoss = false is token_logprobs: same pass, no loss epilogue, only logp (and entropy) written.
+// Rows are assigned to row groups of kThreadsPerRow threads with a grid stride; a group larger
+// than a warp is the whole block, so its barriers see uniform control flow.
+template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kLoss>
+__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
+                                  kResidentThreadsPerSm / (kThreadsPerRow * kRowsPerBlock))
+    psft_forward_kernel(const Rows in, const float* __restrict__ old_logprobs,
+                        const float* __restrict__ advantages, const LossParams params,
+                        const ForwardOutputs out) {
+  static_assert(kThreadsPerRow % kWarpSize == 0, "row groups are whole warps");
+  static_assert(kThreadsPerRow <= kWarpSize || kRowsPerBlock == 1,
+                "a multi-warp row group must be the whole block");
+  __shared__ SoftmaxStats slots[kThreadsPerRow / kWarpSize];
+
+  const int lane = static_cast<int>(threadIdx.x) % kThreadsPerRow;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
+                            static_cast<int64_t>(threadIdx.x) / kThreadsPerRow;
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+  const float c2 = params.inv_temperature * kLog2e;
+  const T* logits = static_cast<const T*>(in.logits);
+
+  for (int64_t row = first_row; row < in.rows; row += row_step) {
+    const int64_t target = load_target(in.targets, in.targets_int32, row);
+    if (target == params.ignore_index) {
+      if (lane == 0) write_result<kLoss>(out, row, uniform_result(0.0f));
+      continue;
+    }
+    // Rejected before launch; never read outside the row if one slips through.
+    if (!target_in_range(target, in.vocab)) {
+      if (lane == 0) write_result<kLoss>(out, row, uniform_result(NAN));
+      continue;
+    }
+    const T* row_logits = logits + row * in.row_stride;
+    // Issued before the scan so its latency hides behind it.
+    const float z_target = lane == 0 ? load_element(row_logits + target) : 0.0f;
+    const ThreadStats mine = scan_row<T, kThreadsPerRow>(row_logits, in.vocab, c2, lane);
+    const SoftmaxStats st =
+        row_allreduce<kThreadsPerRow>(to_natural(mine), MergeStatsOp(), slots);
+    if (lane != 0) continue;
+
+    RowResult r;
+    r.lse = softmax_lse(st);
+    r.logp = z_target * params.inv_temperature - r.lse;
+    r.entropy = softmax_entropy(st);
+    if constexpr (kLoss) {
+      const float old_logp = old_logprobs != nullptr ? old_logprobs[row] : r.logp;
+      const float advantage = advantages != nullptr ? advantages[row] : params.advantage;
+      const TokenLoss t = token_loss(r.logp, old_logp, advantage, params);
+      r.loss = t.loss;
+      r.ratio = t.ratio;
+      r.log_ratio = t.log_ratio;
+      r.clipped = t.clipped;
+      r.coef = t.coef;
+    }
+    write_result<kLoss>(out, row, r);
+  }
+}
+
+template <bool kLoss>
+cudaError_t launch_forward(const Rows& in, const float* old_logprobs, const float* advantages,
+                           const LossParams& params, const ForwardOutputs& out,
+                           cudaStream_t stream) {
+  if (in.rows == 0) return cudaSuccess;
+  if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
+      out.logp == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
+    return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
+      psft_forward_kernel<T, kThreadsPerRow, kRowsPerBlock, kLoss>
+          <<<grid_for_rows(in.rows, kRowsPerBlock), kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
+              in, old_logprobs, advantages, params, out);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace
+
+cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
+                                const float* advantages, const LossParams& params,
+                                const ForwardOutputs& out, cudaStream_t stream) {
+  if (in.rows > 0 && (out.loss == nullptr || out.entropy == nullptr || out.ratio == nullptr ||
+                      out.log_ratio == nullptr || out.clipped == nullptr ||
+                      out.lse == nullptr || out.coef == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_forward<true>(in, old_logprobs, advantages, params, out, stream);
+}
+
+cudaError_t launch_token_logprobs(const Rows& in, int64_t ignore_index, float inv_temperature,
+                                  float* logp, float* entropy, cudaStream_t stream) {
+  LossParams params;
+  params.ignore_index = ignore_index;
+  params.inv_temperature = inv_temperature;
+  ForwardOutputs out{};
+  out.logp = logp;
+  out.entropy = entropy;
+  return launch_forward<false>(in, nullptr, nullptr, params, out, stream);
+}
+
+}  // namespace cuda
+}  // namespace psft

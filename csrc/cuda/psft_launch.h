@@ -1,0 +1,63 @@
+// Launchers of the PSFT CUDA kernels: raw pointers, sizes and a cudaStream_t, no torch types.
+//
+// The kernels (psft_forward.cu, psft_backward.cu) include only CUDA headers and this file, so
+// they compile with nvcc on a machine whose torch has no CUDA (the CI compile check); the
+// torch-facing glue that calls these launchers is psft_cuda.cpp, built only against a CUDA torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../psft_math.h"
+
+namespace psft {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// N rows of V logits. Row r starts at logits + r * row_stride (in elements, row_stride >= V);
+// elements within a row are contiguous. `logits` may be any address the allocator returns for
+// a view: the kernels must not assume 16-byte alignment of a row start.
+struct Rows {
+  const void* logits;
+  DType dtype;
+  int64_t rows;
+  int64_t vocab;
+  int64_t row_stride;
+  const void* targets;  // int64 or int32 ids; ignore_index or in [0, V) (checked before launch)
+  bool targets_int32;
+};
+
+// Per-token float32 outputs of the forward, each of length `rows`.
+struct ForwardOutputs {
+  float* loss;
+  float* logp;
+  float* entropy;
+  float* ratio;
+  float* log_ratio;
+  float* clipped;
+  float* lse;
+  float* coef;
+};
+
+// Forward of the PSFT loss. old_logprobs / advantages may be null (old = current log-prob,
+// i.e. ratio exactly 1; scalar params.advantage). Ignored rows are written as 0 without reading
+// their logits.
+cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
+                                const float* advantages, const LossParams& params,
+                                const ForwardOutputs& out, cudaStream_t stream);
+
+// Log-probs of the targets and per-token entropy (0 for ignored rows).
+cudaError_t launch_token_logprobs(const Rows& in, int64_t ignore_index, float inv_temperature,
+                                  float* logp, float* entropy, cudaStream_t stream);
+
+// grad_logits[r, j] = grad_loss[r] * coef[r] * inv_temperature * (exp(z[r, j] * inv_temperature
+// - lse[r]) - [j == y_r]), written densely (row stride V) in the logits' dtype. Rows whose
+// grad_loss * coef is 0 (ignored, clipped) are written as zeros without reading their logits.
+cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const float* lse,
+                                 const float* coef, int64_t ignore_index, float inv_temperature,
+                                 void* grad_logits, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace psft

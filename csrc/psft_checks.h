@@ -1,0 +1,32 @@
+// Input validation shared by the CPU and CUDA implementations of the ops.
+//
+// Every op checks its arguments here before any kernel runs, so a bad call raises a Python
+// ValueError / TypeError that names the problem instead of crashing or reading out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include "psft_math.h"
+
+namespace psft {
+
+// Checks logits (N, V) and targets (N,): ranks, dtypes, devices, and that every target is either
+// ignore_index or in [0, V) (this last check reads the targets: one small pass, one sync on GPU).
+void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& targets,
+                              int64_t ignore_index, const char* op);
+
+// Checks an optional per-token float32 tensor (old_logprobs, advantages) against N and device.
+void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logits,
+                     const char* what, const char* op);
+
+// Checks the scalar hyper-parameters and packs them.
+LossParams make_loss_params(double advantage, double clip_low, double clip_high, double dual_clip,
+                            int64_t ignore_index, double temperature);
+
+void check_temperature(double temperature, const char* op);
+
+// Logits the kernels can read: the last dimension must be dense (stride 1); rows may be strided.
+at::Tensor rows_with_unit_stride(const at::Tensor& logits);
+
+}  // namespace psft

@@ -1,0 +1,57 @@
+// Op schemas of the psft_ext library and the Python module stub.
+//
+// The schemas live here; the CPU kernels register their implementations in
+// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp. Fake (meta) kernels and
+// autograd are registered from Python (psft_ext/_ops.py), as torch.library recommends, so the ops
+// work under torch.compile.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+extern "C" {
+// `import psft_ext._C` loads this shared library and with it the TORCH_LIBRARY registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+#ifndef PSFT_CUDA_ARCHS
+#define PSFT_CUDA_ARCHS ""
+#endif
+
+// Which kernels this binary holds, as JSON; psft_ext.build_info() adds the Python-side facts.
+std::string build_info() {
+  std::string info = "{\"cpu\": true, \"cuda\": ";
+#ifdef PSFT_WITH_CUDA
+  info += "true, \"cuda_archs\": \"" PSFT_CUDA_ARCHS "\"";
+#else
+  info += "false, \"cuda_archs\": \"\"";
+#endif
+  info += ", \"compiler\": \"" __VERSION__ "\"}";
+  return info;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(psft_ext, m) {
+  // Fused PSFT forward over rows of logits. Returns per-token float32 vectors of length N:
+  // loss, logp, entropy, ratio, log_ratio (clamped), clipped (0/1), and the two values the
+  // backward needs, lse and coef. Ignored rows get 0 everywhere.
+  m.def(
+      "psft_forward(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
+      "float advantage, float clip_low, float clip_high, float dual_clip, int ignore_index, "
+      "float temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of sum_t grad_loss[t] * loss[t] with respect to the logits, in the logits' dtype.
+  m.def(
+      "psft_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, Tensor coef, "
+      "int ignore_index, float temperature) -> Tensor");
+  // Log-probs of the targets (0 where ignored) and per-token entropy; no autograd.
+  m.def(
+      "token_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) "
+      "-> (Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
+}

@@ -1,0 +1,24 @@
+"""psft_ext: fused Proximal SFT (PPO-style clipped token) loss for PyTorch, with C++ and CUDA kernels.
+
+    import psft_ext
+    loss = psft_ext.psft_loss(logits, targets, old_logprobs)          # PSFT, authors' defaults
+    old = psft_ext.token_logprobs(logits, targets)                    # old-policy log-probs
+"""
+
+from .build_info import build_info
+from .labels import shift_labels
+from .loss import PSFTMetrics, psft_loss, token_logprobs
+from .module import PSFTLoss
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PSFTLoss",
+    "PSFTMetrics",
+    "build_info",
+    "psft_loss",
+    "reference",
+    "shift_labels",
+    "token_logprobs",
+]

@@ -1,0 +1,207 @@
+"""The fused PSFT loss and fused token log-probs: argument checks, flattening, reductions, metrics."""
+
+import math
+from numbers import Real
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from ._ops import ops
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TARGET_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class PSFTMetrics(NamedTuple):
+    """Token-mean statistics of one loss call (detached 0-d float32 tensors, non-ignored tokens).
+
+    nll: mean -log p(target). entropy: mean entropy of the (temperature-scaled) distribution.
+    clip_fraction: share of tokens whose clip (or dual clip) branch is active, i.e. that get no
+    gradient from clipping. approx_kl: mean (old_logp - logp), the log-ratio clamped to [-20, 20]
+    as in verl. ratio_mean: mean probability ratio. num_tokens: number of non-ignored tokens.
+    """
+
+    nll: torch.Tensor
+    entropy: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def _check_logits_targets(logits, targets, fn):
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{fn}: logits and targets must be tensors")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{fn}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{fn}: logits must have a vocabulary dimension, got a 0-d tensor")
+    if targets.dtype not in TARGET_DTYPES:
+        raise TypeError(f"{fn}: targets must be int64 or int32 token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{fn}: targets must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if targets.device != logits.device:
+        raise ValueError(f"{fn}: targets are on {targets.device} but logits are on {logits.device}")
+    if logits.shape[-1] == 0 and targets.numel() > 0:
+        raise ValueError(f"{fn}: logits have an empty vocabulary dimension")
+
+
+def _check_finite(name, value, fn, low=None):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
+    if low is not None and not value > low:
+        raise ValueError(f"{fn}: {name} must be > {low}, got {value!r}")
+
+
+def _per_token(name, value, targets, fn, allow_broadcast):
+    """Returns a flat float32 (N,) view/copy of a per-token tensor, detached."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != targets.device:
+        raise ValueError(f"{fn}: {name} is on {value.device} but logits are on {targets.device}")
+    if allow_broadcast:
+        try:
+            value = value.expand(targets.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{fn}: {name} of shape {tuple(value.shape)} does not broadcast to the targets' "
+                f"shape {tuple(targets.shape)}"
+            ) from None
+    elif tuple(value.shape) != tuple(targets.shape):
+        raise ValueError(
+            f"{fn}: {name} must have the targets' shape {tuple(targets.shape)}, "
+            f"got {tuple(value.shape)}"
+        )
+    return value.detach().reshape(-1).to(torch.float32)
+
+
+def psft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor] = None,
+    *,
+    advantages: Union[float, torch.Tensor] = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: Optional[float] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items: Optional[Union[int, float, torch.Tensor]] = None,
+    return_metrics: bool = False,
+):
+    """Fused PSFT / PPO clipped token loss over logits.
+
+    Per token: ``r = exp(clamp(logp - old_logp, -20, 20))``,
+    ``loss = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)`` (then ``min(loss, -A * c)``
+    for ``A < 0`` when ``dual_clip=c``), 0 for ignored targets. ``old_logprobs=None`` means the old
+    policy is the current one (ratio exactly 1): with ``advantages=1`` that is plain SFT.
+
+    Args:
+        logits: (..., V) float32 / bfloat16 / float16 on CPU or CUDA.
+        targets: (...) int64 / int32 token ids; ``ignore_index`` marks tokens without a loss.
+        old_logprobs: (...) log-probs of the targets under the old policy (float32), or None.
+        advantages: float, or tensor broadcastable to ``targets``. PSFT uses 1.
+        clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio.
+        dual_clip: verl's ``clip_ratio_c`` (> 1) for negative advantages, or None.
+        temperature: logits are divided by it before the softmax.
+        reduction: "mean" (sum / num_items), "sum" or "none" (per-token losses, shape of targets).
+        num_items: denominator of "mean" (e.g. tokens of the whole optimizer step across
+            gradient-accumulation steps and ranks); default: non-ignored targets of this call
+            (at least 1, so an all-ignored batch gives 0).
+        return_metrics: also return a :class:`PSFTMetrics`.
+
+    Returns:
+        The float32 loss, or ``(loss, metrics)``. Only ``logits`` receives a gradient;
+        ``old_logprobs`` and ``advantages`` are treated as constants.
+    """
+    fn = "psft_loss"
+    _check_logits_targets(logits, targets, fn)
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        _check_finite(name, value, fn)
+        if value < 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
+    if dual_clip is not None:
+        _check_finite("dual_clip", dual_clip, fn, low=1.0)
+    _check_finite("temperature", temperature, fn, low=0.0)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_targets = targets.reshape(-1)
+    old = None if old_logprobs is None else _per_token(
+        "old_logprobs", old_logprobs, targets, fn, allow_broadcast=False)
+    if isinstance(advantages, torch.Tensor):
+        adv_tensor = _per_token("advantages", advantages, targets, fn, allow_broadcast=True)
+        adv_scalar = 1.0
+    else:
+        _check_finite("advantages", advantages, fn)
+        adv_tensor, adv_scalar = None, float(advantages)
+
+    loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(
+        flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low), float(clip_high),
+        0.0 if dual_clip is None else float(dual_clip), ignore_index, float(temperature))
+
+    valid = flat_targets != ignore_index
+    num_tokens = valid.sum()
+    if reduction == "none":
+        out = loss.view(targets.shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        if num_items is None:
+            denominator = num_tokens.clamp(min=1)
+        elif isinstance(num_items, torch.Tensor):
+            denominator = num_items.to(device=loss.device, dtype=torch.float32)
+        else:
+            _check_finite("num_items", num_items, fn, low=0.0)
+            denominator = float(num_items)
+        out = loss.sum() / denominator
+    if not return_metrics:
+        return out
+    count = num_tokens.clamp(min=1).to(torch.float32)
+    metrics = PSFTMetrics(
+        nll=(-logp.sum() / count).detach(),
+        entropy=(entropy.sum() / count).detach(),
+        clip_fraction=(clipped.sum() / count).detach(),
+        approx_kl=(-log_ratio.sum() / count).detach(),
+        ratio_mean=(ratio.sum() / count).detach(),
+        num_tokens=num_tokens.to(torch.float32).detach(),
+    )
+    return out, metrics
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """Fused float32 log-probs of the targets (0 where ignored), without any N x V memory.
+
+    Meant for the old policy's log-probs: it runs without autograd (the result never requires
+    grad). With ``with_entropy=True`` returns ``(logprobs, entropy)``, both of targets' shape.
+    """
+    fn = "token_logprobs"
+    _check_logits_targets(logits, targets, fn)
+    _check_finite("temperature", temperature, fn, low=0.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    vocab = logits.shape[-1]
+    logp, entropy = ops.token_logprobs(
+        logits.detach().reshape(-1, vocab), targets.reshape(-1), ignore_index, float(temperature))
+    logp = logp.view(targets.shape)
+    if with_entropy:
+        return logp, entropy.view(targets.shape)
+    return logp
