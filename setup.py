@@ -33,7 +33,8 @@ def _with_cuda():
 def _extension():
     debug = os.environ.get("PSFT_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17", "-fno-math-errno"]
+    # No errno, no FP traps: lets GCC turn the kernels' selects into SIMD blends (NaN still propagates).
+    cxx_flags = opt + ["-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
     if not _with_cuda():

@@ -15,14 +15,16 @@
 
 #include "../psft_checks.h"
 #include "../psft_math.h"
-#include "cpu_vec_math.h"
+#include "dtype_convert.h"
+#include "vec_exp.h"
 
-// Each row kernel is compiled twice on x86-64 Linux (AVX2+FMA and baseline) and picked at load
-// time, so a wheel built anywhere runs fast on current CPUs and still runs on old ones.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define PSFT_CPU_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PSFT_CPU_KERNEL
+// Each row kernel is compiled twice on x86-64 (AVX2+FMA+F16C, and the baseline ISA) and picked at
+// run time from the CPU's features, so a build made anywhere runs fast on current CPUs and still
+// runs on old ones. (GCC's target_clones("arch=...") would dispatch on the CPU model name, which
+// misses e.g. AMD parts that have every AVX2 feature, hence the explicit check.)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PSFT_CPU_AVX2_PATH 1
+#define PSFT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 #define PSFT_ALWAYS_INLINE __attribute__((always_inline)) inline
 
@@ -36,6 +38,9 @@
 namespace psft {
 namespace cpu {
 namespace {
+
+constexpr int kLanes = 16;    // independent accumulators: one AVX-512 or two AVX2 registers
+constexpr int kBlock = 2048;  // elements converted to float32 per step: 8 KiB, stays in L1
 
 // Softmax statistics of x = z * inv_t over one row.
 template <typename T>
@@ -97,26 +102,40 @@ PSFT_ALWAYS_INLINE void row_grad_impl(const T* row, int64_t vocab, float inv_t, 
   }
 }
 
-PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const float* r, int64_t v, float t) {
-  return row_softmax_stats_impl(r, v, t);
+#ifdef PSFT_CPU_AVX2_PATH
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
 }
-PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const c10::BFloat16* r, int64_t v, float t) {
-  return row_softmax_stats_impl(r, v, t);
+
+template <typename T>
+PSFT_TARGET_AVX2 SoftmaxStats row_softmax_stats_avx2(const T* row, int64_t vocab, float inv_t) {
+  return row_softmax_stats_impl(row, vocab, inv_t);
 }
-PSFT_CPU_KERNEL SoftmaxStats row_softmax_stats(const c10::Half* r, int64_t v, float t) {
-  return row_softmax_stats_impl(r, v, t);
+
+template <typename T>
+PSFT_TARGET_AVX2 void row_grad_avx2(const T* row, int64_t vocab, float inv_t, float lse,
+                                    float scale, int64_t target, T* grad) {
+  row_grad_impl(row, vocab, inv_t, lse, scale, target, grad);
 }
-PSFT_CPU_KERNEL void row_grad(const float* r, int64_t v, float t, float lse, float s, int64_t y,
-                              float* g) {
-  row_grad_impl(r, v, t, lse, s, y, g);
+#endif
+
+template <typename T>
+SoftmaxStats row_softmax_stats(const T* row, int64_t vocab, float inv_t) {
+#ifdef PSFT_CPU_AVX2_PATH
+  if (cpu_has_avx2()) return row_softmax_stats_avx2(row, vocab, inv_t);
+#endif
+  return row_softmax_stats_impl(row, vocab, inv_t);
 }
-PSFT_CPU_KERNEL void row_grad(const c10::BFloat16* r, int64_t v, float t, float lse, float s,
-                              int64_t y, c10::BFloat16* g) {
-  row_grad_impl(r, v, t, lse, s, y, g);
-}
-PSFT_CPU_KERNEL void row_grad(const c10::Half* r, int64_t v, float t, float lse, float s,
-                              int64_t y, c10::Half* g) {
-  row_grad_impl(r, v, t, lse, s, y, g);
+
+template <typename T>
+void row_grad(const T* row, int64_t vocab, float inv_t, float lse, float scale, int64_t target,
+              T* grad) {
+#ifdef PSFT_CPU_AVX2_PATH
+  if (cpu_has_avx2()) return row_grad_avx2(row, vocab, inv_t, lse, scale, target, grad);
+#endif
+  row_grad_impl(row, vocab, inv_t, lse, scale, target, grad);
 }
 
 // Rows per task: enough elements that the scheduling cost is amortized.

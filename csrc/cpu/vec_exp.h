@@ -1,24 +1,17 @@
-// Loop bodies for the CPU kernels that compilers auto-vectorize: a branch-free exp, dtype
-// conversions done with integer bit operations, and lane-wise reductions.
+// Building blocks for CPU loops that compilers auto-vectorize: a branch-free exp and bit casts.
 //
 // std::exp is a library call that blocks vectorization; exp_fast is the classic Cephes
 // range-reduction + degree-6 polynomial (about 1 ulp on the range the kernels use), written
 // with selects and bit casts only, so each loop over a block becomes SIMD code. The kernels
-// are compiled per ISA (see PSFT_CPU_KERNEL in psft_cpu.cpp), so the same source gives SSE2,
+// are compiled per ISA (see PSFT_TARGET_AVX2 in psft_cpu.cpp), so the same source gives SSE2,
 // AVX2+FMA or AVX-512 code.
 #pragma once
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
 
 namespace psft {
 namespace cpu {
-
-constexpr int kLanes = 16;     // independent accumulators: enough for one AVX-512 or two AVX2 regs
-constexpr int kBlock = 2048;   // elements converted to float per step: 8 KiB, stays in L1
 
 inline float bits_to_float(uint32_t u) {
   float f;
@@ -59,30 +52,6 @@ inline float exp_fast(float x) {
   y = y * r * r + r + 1.0f;
   const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
   return x < kLo ? 0.0f : y * scale;
-}
-
-// dtype <-> float for one element, written so that loops over them vectorize.
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.x) << 16); }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
-template <typename T>
-inline T from_float(float v);
-template <>
-inline float from_float<float>(float v) {
-  return v;
-}
-template <>
-inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
-  // Round to nearest even, NaN stays a quiet NaN (same rule as c10::BFloat16(float)).
-  const uint32_t u = float_to_bits(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits = (v != v) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
-}
-template <>
-inline c10::Half from_float<c10::Half>(float v) {
-  return c10::Half(v);
 }
 
 }  // namespace cpu

@@ -1,0 +1,361 @@
+"""Benchmark: the fused PSFT loss against the plain PyTorch reference (and peers), in one run.
+
+For each shape (N tokens x V vocabulary) it times the forward and the forward+backward of
+  - fused:      psft_ext.psft_loss (this project's kernels)
+  - reference:  psft_ext.reference.psft_loss, eager PyTorch
+  - compiled:   torch.compile of the reference              (CUDA; --peers compile)
+  - liger:      Liger-Kernel's Triton GRPO loss, advantages 1, beta 0 (CUDA, when installed)
+  - copy:       a device-to-device copy of a logits-sized tensor, the bandwidth yardstick (CUDA)
+and reports the median time, the peak extra memory over the inputs, the effective bandwidth
+(the fewest bytes the step must move: the logits read once, plus the gradient written once for
+forward+backward, over the time) and ratios against the fused loss. It prints a markdown table
+and writes every number to JSON.
+
+  python benchmarks/bench_loss.py                       # CPU: float32, shapes up to 2048 x 151936
+  python benchmarks/bench_loss.py --device cuda         # GPU: bfloat16, N in {4096, 16384}
+  python benchmarks/bench_loss.py --shapes 512x32000 --reps 3 --json out.json
+
+Peak memory: CUDA from the caching allocator's peak statistics; CPU from the process' peak
+resident set (VmHWM, reset through /proc/self/clear_refs before each measurement; Linux only).
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+import psft_ext
+from psft_ext import reference
+
+CPU_SHAPES = "256x32000,1024x32000,512x151936,2048x151936"
+CUDA_SHAPES = "4096x32000,4096x128256,4096x151936,16384x32000,16384x128256,16384x151936"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORED_SHARE = 0.1  # prompt / padding tokens mixed in, as in real SFT batches
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class CpuPeakMemory:
+    """Peak resident memory of this process above its level at start, in bytes (Linux)."""
+
+    @staticmethod
+    def available():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+    def __enter__(self):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        self.start = self._status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = (self._status_kib("VmHWM") - self.start) * 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median(fn, device, reps, warmup, setup=None):
+    """Median seconds of fn() over reps runs; setup() runs before each, outside the timing."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_memory(fn, device, setup=None):
+    """Peak memory fn() allocates above what is alive before it, in bytes (None if unknown)."""
+    if setup:
+        setup()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not CpuPeakMemory.available():
+        return None
+    with CpuPeakMemory() as mem:
+        fn()
+    return mem.peak
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(n, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.empty(n, vocab, dtype=dtype, device=device)
+    # Filled in row blocks so no transient float32 copy of the whole tensor raises the baseline.
+    block = max(1, (1 << 24) // max(vocab, 1))
+    for start in range(0, n, block):
+        rows = torch.randn(min(block, n - start), vocab, generator=gen) * 2.0
+        logits[start:start + rows.shape[0]] = rows.to(device=device, dtype=dtype)
+    targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    targets[torch.rand(n, generator=gen).to(device) < IGNORED_SHARE] = -100
+    # Old log-probs: the current ones, perturbed so some ratios leave the trust region.
+    old = psft_ext.token_logprobs(logits, targets)
+    old = old + (torch.rand(n, generator=gen).to(device) - 0.5) * 0.8
+    return logits, targets, old
+
+
+# ----------------------------------------------------------------------------- contenders
+
+def fused_loss(logits, targets, old):
+    return psft_ext.psft_loss(logits, targets, old)
+
+
+def reference_loss(logits, targets, old):
+    return reference.psft_loss(logits, targets, old)
+
+
+def make_compiled_loss():
+    return torch.compile(reference.psft_loss, dynamic=False)
+
+
+def make_liger_loss():
+    """Liger-Kernel's Triton GRPO loss set up as PSFT (advantage 1, beta 0, dapo token-mean)."""
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+    except Exception as exc:  # not installed, or no Triton
+        print(f"# liger: not available ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+    def liger_loss(logits, targets, old):
+        # Liger takes (B, L+1, V) logits and ignores the last position; one sequence of N + 1.
+        n = targets.shape[0]
+        mask = (targets != -100).unsqueeze(0)
+        ids = torch.where(mask[0], targets, 0).unsqueeze(0)
+        advantages = torch.ones(1, device=logits.device, dtype=torch.float32)
+        loss, _ = triton_grpo_loss(
+            logits.view(1, n + 1, -1), old.unsqueeze(0), None, ids, advantages, mask,
+            temperature=1.0, beta=0.0, eps_low=0.2, eps_high=0.28, inplace=True,
+            loss_type="dapo", reduce=True)
+        return loss
+
+    return liger_loss
+
+
+# ----------------------------------------------------------------------------- one shape
+
+def bench_shape(n, vocab, dtype, device, contenders, reps, warmup, with_memory):
+    rows = []
+    extra_row = 1 if "liger" in contenders else 0  # Liger reads one position past the last token
+    logits_all, targets, old = make_inputs(n + extra_row, vocab, dtype, device)
+    logits = logits_all[:n] if extra_row else logits_all
+    targets, old = targets[:n].contiguous(), old[:n].contiguous()
+    logits_bytes = logits.numel() * logits.element_size()
+    pristine = logits_all.clone() if "liger" in contenders else None
+
+    for name, loss_fn in contenders.items():
+        if name == "copy":
+            dst = torch.empty_like(logits)
+            fwd_t = time_median(lambda: dst.copy_(logits), device, reps, warmup)
+            rows.append(dict(name=name, n=n, vocab=vocab, fwd_s=fwd_t, fwdbwd_s=None,
+                             fwd_peak_bytes=None, fwdbwd_peak_bytes=None,
+                             gbps=2 * logits_bytes / fwd_t / 1e9))
+            del dst
+            continue
+        x = (logits_all if name == "liger" else logits).detach().requires_grad_(True)
+        restore = None
+        if name == "liger":  # it writes its gradient into the logits: start each run afresh
+            def restore(x=x):
+                with torch.no_grad():
+                    x.copy_(pristine)
+
+        def forward(x=x, loss_fn=loss_fn):
+            return loss_fn(x, targets, old)
+
+        def forward_backward(x=x, loss_fn=loss_fn):
+            x.grad = None
+            loss_fn(x, targets, old).backward()
+
+        try:
+            fwd_t = time_median(forward, device, reps, warmup, setup=restore)
+            fb_t = time_median(forward_backward, device, reps, warmup, setup=restore)
+            fwd_mem = fb_mem = None
+            if with_memory:
+                fwd_mem = peak_extra_memory(forward, device, setup=restore)
+                x.grad = None
+                fb_mem = peak_extra_memory(forward_backward, device, setup=restore)
+        except torch.OutOfMemoryError:
+            print(f"# {name} {n}x{vocab}: out of memory", file=sys.stderr)
+            rows.append(dict(name=name, n=n, vocab=vocab, error="out of memory"))
+            continue
+        finally:
+            x.grad = None
+        rows.append(dict(name=name, n=n, vocab=vocab, fwd_s=fwd_t, fwdbwd_s=fb_t,
+                         fwd_peak_bytes=fwd_mem, fwdbwd_peak_bytes=fb_mem,
+                         gbps=2 * logits_bytes / fb_t / 1e9, fwd_gbps=logits_bytes / fwd_t / 1e9))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fused = next((r for r in rows if r["name"] == "fused" and "error" not in r), None)
+    for r in rows:
+        r["logits_bytes"] = logits_bytes
+        if fused and r is not fused and "error" not in r:
+            r["fwd_vs_fused"] = r["fwd_s"] / fused["fwd_s"]
+            if r["fwdbwd_s"] is not None:
+                r["fwdbwd_vs_fused"] = r["fwdbwd_s"] / fused["fwdbwd_s"]
+            elif r["name"] == "copy":
+                r["fused_fwdbwd_vs_copy"] = fused["fwdbwd_s"] / r["fwd_s"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def _ms(s):
+    return "-" if s is None else f"{s * 1e3:.2f}"
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def markdown_table(rows):
+    lines = [
+        "| N x V | contender | fwd ms | fwd+bwd ms | fwd+bwd vs fused | peak extra MiB (fwd / fwd+bwd) "
+        "| logits MiB | GB/s (min bytes) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        shape = f"{r['n']} x {r['vocab']}"
+        if "error" in r:
+            lines.append(f"| {shape} | {r['name']} | {r['error']} | | | | | |")
+            continue
+        if r["name"] == "copy":
+            ratio = f"fused = {r['fused_fwdbwd_vs_copy']:.2f}x copy" if "fused_fwdbwd_vs_copy" in r else "-"
+        else:
+            ratio = f"{r['fwdbwd_vs_fused']:.2f}x" if "fwdbwd_vs_fused" in r else "1.00x"
+        lines.append(
+            f"| {shape} | {r['name']} | {_ms(r['fwd_s'])} | {_ms(r['fwdbwd_s'])} | {ratio} | "
+            f"{_mib(r['fwd_peak_bytes'])} / {_mib(r['fwdbwd_peak_bytes'])} | "
+            f"{_mib(r['logits_bytes'])} | {r['gbps']:.0f} |")
+    return "\n".join(lines)
+
+
+def environment(device):
+    env = dict(
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu=platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(),
+        build=psft_ext.build_info(),
+    )
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:
+        import liger_kernel  # noqa: F401
+        from importlib.metadata import version
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        pass
+    return env
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--shapes", default=None, help="comma-separated NxV list")
+    p.add_argument("--peers", default="compile,liger,copy",
+                   help="CUDA extras among compile,liger,copy (comma-separated; '' for none)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-reference", action="store_true", help="time the fused loss only")
+    p.add_argument("--json", default=None, help="write results here (default: print only)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    shapes = [tuple(int(v) for v in s.lower().split("x"))
+              for s in (args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)).split(",") if s]
+    reps = args.reps or (20 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+
+    contenders = {"fused": fused_loss}
+    if not args.no_reference:
+        contenders["reference"] = reference_loss
+    peers = [s for s in args.peers.split(",") if s] if cuda else []
+    if "compile" in peers and not args.no_reference:
+        contenders["compiled"] = make_compiled_loss()
+    if "liger" in peers:
+        liger = make_liger_loss()
+        if liger is not None:
+            contenders["liger"] = liger
+    if "copy" in peers:
+        contenders["copy"] = None
+
+    env = environment(device)
+    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
+          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+    rows = []
+    for n, vocab in shapes:
+        t0 = time.perf_counter()
+        shape_rows = bench_shape(n, vocab, dtype, device, contenders, reps, warmup,
+                                 with_memory=not args.no_memory)
+        rows += shape_rows
+        print(markdown_table(shape_rows).split("\n", 2)[2], f"  <!-- {time.perf_counter() - t0:.0f}s -->",
+              flush=True)
+    print()
+    print(markdown_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, rows=rows), f, indent=1)
+        print(f"\nwrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
