@@ -5,8 +5,11 @@
 
 namespace psft {
 
-void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& targets,
-                              int64_t ignore_index, const char* op) {
+namespace {
+
+// Ranks, dtypes and devices of logits (N, V) and targets (N,).
+void check_logits_and_targets_layout(const at::Tensor& logits, const at::Tensor& targets,
+                                     const char* op) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, V), got shape ",
                     logits.sizes());
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
@@ -20,15 +23,24 @@ void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& target
                    ": targets must be int64 or int32, got ", targets.scalar_type());
   TORCH_CHECK_VALUE(targets.device() == logits.device(), op, ": targets are on ",
                     targets.device(), " but logits are on ", logits.device());
+}
+
+}  // namespace
+
+void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& targets,
+                              int64_t ignore_index, const char* op) {
+  check_logits_and_targets_layout(logits, targets, op);
   const int64_t n = logits.size(0);
   const int64_t vocab = logits.size(1);
   TORCH_CHECK_VALUE(vocab > 0 || n == 0, op, ": logits have an empty vocabulary dimension");
   if (n == 0) return;
-  const at::Tensor bad =
-      targets.ne(ignore_index).logical_and_(targets.lt(0).logical_or_(targets.ge(vocab)));
+  // Compared in int64, as the kernels compare: an int32 tensor against an ignore_index outside
+  // the int32 range would otherwise wrap and let a bad id through.
+  const at::Tensor ids = targets.to(at::kLong);
+  const at::Tensor bad = ids.ne(ignore_index).logical_and_(ids.lt(0).logical_or_(ids.ge(vocab)));
   if (bad.any().item<bool>()) {
     const int64_t pos = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    const int64_t id = targets[pos].item<int64_t>();
+    const int64_t id = ids[pos].item<int64_t>();
     TORCH_CHECK_VALUE(false, op, ": target id ", id, " at position ", pos,
                       " is out of range for a vocabulary of ", vocab,
                       " (valid ids are 0..", vocab - 1, ", or ignore_index=", ignore_index, ")");
@@ -49,6 +61,16 @@ void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logit
 void check_temperature(double temperature, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
                     ": temperature must be a finite positive number, got ", temperature);
+}
+
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse,
+                           const at::Tensor& coef, double temperature, const char* op) {
+  check_logits_and_targets_layout(logits, targets, op);
+  check_per_token(grad_loss, logits, "grad_loss", op);
+  check_per_token(lse, logits, "lse", op);
+  check_per_token(coef, logits, "coef", op);
+  check_temperature(temperature, op);
 }
 
 LossParams make_loss_params(double advantage, double clip_low, double clip_high, double dual_clip,

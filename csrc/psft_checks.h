@@ -26,6 +26,13 @@ LossParams make_loss_params(double advantage, double clip_low, double clip_high,
 
 void check_temperature(double temperature, const char* op);
 
+// Checks the backward's arguments: logits (N, V) of a supported dtype, targets (N,) int64/int32
+// on the same device (their range was checked by the forward), and float32 (N,) grad_loss, lse
+// and coef.
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse,
+                           const at::Tensor& coef, double temperature, const char* op);
+
 // Logits the kernels can read: the last dimension must be dense (stride 1); rows may be strided.
 at::Tensor rows_with_unit_stride(const at::Tensor& logits);
 

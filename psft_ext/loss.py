@@ -1,6 +1,5 @@
 """The fused PSFT loss and fused token log-probs: argument checks, flattening, reductions, metrics."""
 
-import math
 from numbers import Real
 from typing import NamedTuple, Optional, Union
 
@@ -51,20 +50,27 @@ def _check_logits_targets(logits, targets, fn):
 
 
 def _check_finite(name, value, fn, low=None):
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+    # `value - value == 0` is False exactly for nan and +-inf. Unlike math.isfinite it also
+    # traces under torch.compile, where a float argument that changes between calls becomes a
+    # SymFloat (math.isfinite on it is a hard error with fullgraph=True).
+    if isinstance(value, bool) or not isinstance(value, Real) or not value - value == 0:
         raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
     if low is not None and not value > low:
         raise ValueError(f"{fn}: {name} must be > {low}, got {value!r}")
 
 
-def _per_token(name, value, targets, fn, allow_broadcast):
-    """Returns a flat float32 (N,) view/copy of a per-token tensor, detached."""
+def _per_token(name, value, targets, fn, allow_broadcast, where="logits"):
+    """Returns a flat float32 (N,) view/copy of a per-token tensor, detached.
+
+    ``where`` names the input whose device the error messages quote (the logits, or the hidden
+    states of the fused linear loss).
+    """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {value.dtype}")
     if value.device != targets.device:
-        raise ValueError(f"{fn}: {name} is on {value.device} but logits are on {targets.device}")
+        raise ValueError(f"{fn}: {name} is on {value.device} but {where} are on {targets.device}")
     if allow_broadcast:
         try:
             value = value.expand(targets.shape)
@@ -79,6 +85,70 @@ def _per_token(name, value, targets, fn, allow_broadcast):
             f"got {tuple(value.shape)}"
         )
     return value.detach().reshape(-1).to(torch.float32)
+
+
+def _targets_for(targets, ignore_index):
+    """int32 targets compared with an ignore_index outside the int32 range would wrap it (torch
+    casts the scalar to the tensor's dtype), so such an ignore_index (which no int32 id can equal)
+    could mark real targets as ignored: compare in int64 then, as for int64 targets."""
+    if targets.dtype == torch.int32 and not -(2**31) <= ignore_index < 2**31:
+        return targets.long()
+    return targets
+
+
+# Shared by psft_loss and the fused linear loss (linear.py), so both check, reduce and report alike.
+
+def _check_ignore_index(ignore_index, fn):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+
+
+def _check_loss_options(fn, clip_low, clip_high, dual_clip, temperature, reduction, ignore_index):
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
+        _check_finite(name, value, fn)
+        if value < 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
+    if dual_clip is not None:
+        _check_finite("dual_clip", dual_clip, fn, low=1.0)
+    _check_finite("temperature", temperature, fn, low=0.0)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_ignore_index(ignore_index, fn)
+
+
+def _old_and_advantages(old_logprobs, advantages, targets, fn, where="logits"):
+    """Flat float32 old log-probs (or None) and the advantages as (tensor or None, scalar)."""
+    old = None if old_logprobs is None else _per_token(
+        "old_logprobs", old_logprobs, targets, fn, allow_broadcast=False, where=where)
+    if isinstance(advantages, torch.Tensor):
+        adv_tensor = _per_token("advantages", advantages, targets, fn, allow_broadcast=True,
+                                where=where)
+        return old, adv_tensor, 1.0
+    _check_finite("advantages", advantages, fn)
+    return old, None, float(advantages)
+
+
+def _mean_denominator(num_items, num_tokens, device, fn):
+    """The denominator of reduction "mean": a tensor, or a float for a numeric num_items."""
+    if num_items is None:
+        return num_tokens.clamp(min=1)
+    if isinstance(num_items, torch.Tensor):
+        return num_items.to(device=device, dtype=torch.float32)
+    _check_finite("num_items", num_items, fn, low=0.0)
+    return float(num_items)
+
+
+def _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens):
+    """PSFTMetrics from the per-token outputs of the forward (ignored tokens hold zeros)."""
+    count = num_tokens.clamp(min=1).to(torch.float32)
+    return PSFTMetrics(
+        nll=(-logp.sum() / count).detach(),
+        entropy=(entropy.sum() / count).detach(),
+        clip_fraction=(clipped.sum() / count).detach(),
+        approx_kl=(-log_ratio.sum() / count).detach(),
+        ratio_mean=(ratio.sum() / count).detach(),
+        num_tokens=num_tokens.to(torch.float32).detach(),
+    )
 
 
 def psft_loss(
@@ -123,29 +193,13 @@ def psft_loss(
     """
     fn = "psft_loss"
     _check_logits_targets(logits, targets, fn)
-    for name, value in (("clip_low", clip_low), ("clip_high", clip_high)):
-        _check_finite(name, value, fn)
-        if value < 0:
-            raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
-    if dual_clip is not None:
-        _check_finite("dual_clip", dual_clip, fn, low=1.0)
-    _check_finite("temperature", temperature, fn, low=0.0)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    _check_loss_options(fn, clip_low, clip_high, dual_clip, temperature, reduction, ignore_index)
+    targets = _targets_for(targets, ignore_index)
 
     vocab = logits.shape[-1]
     flat_logits = logits.reshape(-1, vocab)
     flat_targets = targets.reshape(-1)
-    old = None if old_logprobs is None else _per_token(
-        "old_logprobs", old_logprobs, targets, fn, allow_broadcast=False)
-    if isinstance(advantages, torch.Tensor):
-        adv_tensor = _per_token("advantages", advantages, targets, fn, allow_broadcast=True)
-        adv_scalar = 1.0
-    else:
-        _check_finite("advantages", advantages, fn)
-        adv_tensor, adv_scalar = None, float(advantages)
+    old, adv_tensor, adv_scalar = _old_and_advantages(old_logprobs, advantages, targets, fn)
 
     loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(
         flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low), float(clip_high),
@@ -158,26 +212,10 @@ def psft_loss(
     elif reduction == "sum":
         out = loss.sum()
     else:
-        if num_items is None:
-            denominator = num_tokens.clamp(min=1)
-        elif isinstance(num_items, torch.Tensor):
-            denominator = num_items.to(device=loss.device, dtype=torch.float32)
-        else:
-            _check_finite("num_items", num_items, fn, low=0.0)
-            denominator = float(num_items)
-        out = loss.sum() / denominator
+        out = loss.sum() / _mean_denominator(num_items, num_tokens, loss.device, fn)
     if not return_metrics:
         return out
-    count = num_tokens.clamp(min=1).to(torch.float32)
-    metrics = PSFTMetrics(
-        nll=(-logp.sum() / count).detach(),
-        entropy=(entropy.sum() / count).detach(),
-        clip_fraction=(clipped.sum() / count).detach(),
-        approx_kl=(-log_ratio.sum() / count).detach(),
-        ratio_mean=(ratio.sum() / count).detach(),
-        num_tokens=num_tokens.to(torch.float32).detach(),
-    )
-    return out, metrics
+    return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)
 
 
 def token_logprobs(
@@ -196,8 +234,8 @@ def token_logprobs(
     fn = "token_logprobs"
     _check_logits_targets(logits, targets, fn)
     _check_finite("temperature", temperature, fn, low=0.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    _check_ignore_index(ignore_index, fn)
+    targets = _targets_for(targets, ignore_index)
     vocab = logits.shape[-1]
     logp, entropy = ops.token_logprobs(
         logits.detach().reshape(-1, vocab), targets.reshape(-1), ignore_index, float(temperature))

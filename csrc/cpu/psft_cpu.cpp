@@ -226,14 +226,7 @@ at::Tensor psft_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& l
                              const at::Tensor& coef_in, int64_t ignore_index,
                              double temperature) {
   const char* op = "psft_backward";
-  // The targets were range-checked by the forward; only shapes are re-checked here.
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, op, ": logits must be 2-D, got ", logits_in.sizes());
-  TORCH_CHECK_VALUE(targets_in.dim() == 1 && targets_in.size(0) == logits_in.size(0), op,
-                    ": targets must have shape (N,)");
-  check_per_token(grad_loss_in, logits_in, "grad_loss", op);
-  check_per_token(lse_in, logits_in, "lse", op);
-  check_per_token(coef_in, logits_in, "coef", op);
-  check_temperature(temperature, op);
+  check_backward_inputs(grad_loss_in, logits_in, targets_in, lse_in, coef_in, temperature, op);
   const at::Tensor logits = rows_with_unit_stride(logits_in);
   const at::Tensor targets = targets_in.contiguous(), g = grad_loss_in.contiguous(),
                    lse = lse_in.contiguous(), coef = coef_in.contiguous();

@@ -97,7 +97,7 @@ __device__ __forceinline__ void store_element(T* p, float v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16-byte vectors: kVecElems elements of T in one uint4, unpacked to / packed from float32.
+// 16-byte vectors: Vec<T>::kElems elements of T in one uint4, unpacked to / packed from float32.
 
 template <typename T>
 struct Vec {
@@ -177,16 +177,24 @@ __device__ __forceinline__ void unpack_vec(const uint4& raw, float (&out)[Vec<T>
   unpack(raw, out, static_cast<T*>(nullptr));
 }
 
+// An explicit 16-byte store: written as a uint4 assignment, NVVM splits it into 2 or 4 narrower
+// stores inside the kernels' loops.
+__device__ __forceinline__ void store_raw_vec(void* p, const uint4& v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
+
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[Vec<T>::kElems]) {
-  *reinterpret_cast<uint4*>(p) = pack(in, static_cast<T*>(nullptr));
+  store_raw_vec(p, pack(in, static_cast<T*>(nullptr)));
 }
 
 // ---------------------------------------------------------------------------------------------
 // How a row of `vocab` elements starting at `row` splits into a scalar head (up to the first
 // 16-byte boundary), whole 16-byte vectors, and a scalar tail. Rows of strided or offset views
 // start anywhere (element-aligned), and V need not be a multiple of the vector width, so both
-// scalar parts exist in general; head + 16 * vectors + tail covers the row exactly once.
+// scalar parts exist in general; head + kElems * vectors + tail covers the row exactly once.
 struct RowSplit {
   int head;         // elements [0, head) are scalars; head < Vec::kElems
   int64_t vectors;  // elements [head, head + vectors * kElems) are 16-byte aligned vectors
@@ -206,8 +214,9 @@ __device__ __forceinline__ RowSplit split_row(const void* row, int64_t vocab) {
   return s;
 }
 
-// Writes `value` to all `vocab` elements of a row with 16-byte stores; `lane` of `threads`
-// cooperating threads.
+// Writes `value` to all `vocab` elements of a row with 16-byte stores, shared by the kThreads
+// threads of a row group (this one is `lane`). Used for rows whose gradient is known without
+// reading their logits.
 template <typename T, int kThreads>
 __device__ __forceinline__ void fill_row(T* row, int64_t vocab, float value, int lane) {
   constexpr int kElems = Vec<T>::kElems;
@@ -299,11 +308,12 @@ __device__ __forceinline__ V row_allreduce(V v, Op op, V* slots) {
 // ---------------------------------------------------------------------------------------------
 // Launch shape, shared by the forward and the backward. It depends on the row length only (not
 // on N), so a row's result does not depend on which other rows are in the batch.
-//   <= 4 KB per row:  a warp per row, 8 rows per 256-thread block (at most 8 vectors per lane);
+//   <= 4 KB per row:  a warp per row, 8 rows per 256-thread block (at most 8 vectors per lane;
+//                     the forward reads these rows element-wise, see scan_short_row);
 //   <= 32 KB per row: a 128-thread block per row (at most 16 vectors per thread);
-//   longer rows:      a 512-thread block per row; with <= 64 registers two blocks share an SM,
-//                     and each thread keeps 4 vectors in flight, several times the bytes in
-//                     flight an SM needs to saturate HBM.
+//   longer rows:      a 512-thread block per row, two blocks per SM.
+// The grid covers all rows (one block per row or per 8 rows), so the hardware scheduler balances
+// them over the SMs; only past gridDim.x's limit do blocks loop over several rows.
 // Usage: return PSFT_LAUNCH_SHAPE_SWITCH(vocab, sizeof(T), kThreads, kRows, [&] { ... });
 // binds kThreads (threads per row) and kRows (rows per block) as compile-time constants.
 #define PSFT_LAUNCH_SHAPE_SWITCH(VOCAB, ELEMENT_BYTES, THREADS_PER_ROW, ROWS_PER_BLOCK, ...) \
@@ -324,8 +334,9 @@ __device__ __forceinline__ V row_allreduce(V v, Op op, V* slots) {
     }                                                                                      \
   }()
 
-// Register budget of every kernel: 1024 resident threads per SM (64 registers each) keep enough
-// 16-byte loads in flight; more occupancy would not add bandwidth.
+// Register budget of every kernel (__launch_bounds__): 64 registers, so 1024 threads per SM stay
+// resident; at 4 vectors per thread that is 64 KB of loads in flight per SM, several times what
+// covering the HBM latency at full bandwidth takes.
 constexpr int kResidentThreadsPerSm = 1024;
 
 // Grid for `rows` rows; kernels loop over rows with a grid stride, so capping at gridDim.x's

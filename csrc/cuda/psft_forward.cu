@@ -22,21 +22,24 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
-// One thread's softmax statistics in base 2: relative to m2 = max of z * c2 with c2 = log2(e) / tau,
-// s = sum 2^(z * c2 - m2) and w2 = sum 2^(z * c2 - m2) * (z * c2 - m2).
+// One thread's softmax statistics. The reference is the running maximum of the *raw* logits,
+// z_ref; with c2 = log2(e) / tau,
+//   s = sum 2^((z - z_ref) * c2) = sum exp(x - x_ref),  w2 = sum 2^(...) * (z - z_ref) * c2.
 //
-// The hot loop works in base 2 because expf costs about eight instructions per element and ex2 one;
-// with a fused multiply-add forming z * c2 - m2 the argument carries a single rounding, as
-// x - m does in the natural-base formulation, so accuracy is unchanged. The combination across
-// threads and the final lse / entropy use psft_math.h in natural units (to_natural).
+// The hot loop works in base 2 because expf costs about eight instructions per element and ex2
+// one. Measuring against z_ref in raw units keeps the row maximum's term exactly 1 (so a
+// one-element row gives lse == x and logp == 0 exactly, as on the CPU) and gives each argument
+// an error relative to its own size, not to the size of the logits. to_natural hands the stats
+// to psft_math.h in natural units, with reference x_ref = z_ref * inv_temperature rounded as the
+// CPU rounds x, for the merge across threads and the final lse / entropy.
 struct ThreadStats {
-  float m2 = -INFINITY;
+  float z_ref = -INFINITY;
   float s = 0.0f;
   float w2 = 0.0f;
 };
 
-__device__ __forceinline__ SoftmaxStats to_natural(const ThreadStats& st) {
-  return {st.m2 * kLn2, st.s, st.w2 * kLn2};
+__device__ __forceinline__ SoftmaxStats to_natural(const ThreadStats& st, float inv_temperature) {
+  return {__fmul_rn(st.z_ref, inv_temperature), st.s, st.w2 * kLn2};
 }
 
 // Adds kN logits, with softmax_rebase / softmax_accumulate semantics: the running stats move to a
@@ -46,20 +49,19 @@ __device__ __forceinline__ void accumulate(ThreadStats& st, const float (&z)[kN]
   float z_max = z[0];
 #pragma unroll
   for (int k = 1; k < kN; ++k) z_max = fmaxf(z_max, z[k]);
-  const float group_max = z_max * c2;  // c2 > 0, so this is the max of z * c2 with the same rounding
-  if (group_max > st.m2) {
-    const float delta = st.m2 - group_max;
-    const float scale = exp2_ftz(delta);  // 0 while the stats are empty (m2 = -inf)
-    st.w2 = scale > 0.0f ? scale * fmaf(delta, st.s, st.w2) : 0.0f;
+  if (z_max > st.z_ref) {
+    const float delta2 = (st.z_ref - z_max) * c2;
+    const float scale = exp2_ftz(delta2);  // 0 while the stats are empty (z_ref = -inf)
+    st.w2 = scale > 0.0f ? scale * fmaf(delta2, st.s, st.w2) : 0.0f;
     st.s *= scale;
-    st.m2 = group_max;
+    st.z_ref = z_max;
   }
-  // While every logit so far is -inf (m2 = -inf), -inf - m2 would be NaN: reference -FLT_MAX
-  // instead, which maps -inf to 2^-inf = 0 and leaves a NaN logit NaN.
-  const float reference = fmaxf(st.m2, -3.402823466e38f);
+  // While every logit so far is -inf (z_ref = -inf), -inf - z_ref would be NaN: measure against
+  // -FLT_MAX instead, which maps -inf to 2^-inf = 0 and leaves a NaN logit NaN.
+  const float reference = fmaxf(st.z_ref, -3.402823466e38f);
 #pragma unroll
   for (int k = 0; k < kN; ++k) {
-    const float arg = fmaf(z[k], c2, -reference);
+    const float arg = (z[k] - reference) * c2;
     const float e = exp2_ftz(arg);
     st.s += e;
     if (e > 0.0f) st.w2 = fmaf(e, arg, st.w2);
@@ -71,9 +73,34 @@ __device__ __forceinline__ void accumulate_one(ThreadStats& st, float z, float c
   accumulate(st, single, c2);
 }
 
-// This thread's share of one row: scalar head, kUnroll vectors at a time, scalar tail.
+// Rows of at most 4 KB (a warp each) are read element-wise and lane-strided: element j goes to
+// lane j % 32 in a fixed order whatever the row's address, so the row's result does not depend on
+// its alignment (a strided view and a contiguous copy agree bitwise). Each warp-wide load still
+// covers 64-128 contiguous bytes, and such short rows are bound by per-row latency rather than by
+// the width of the loads. Padding with -inf adds exactly nothing to the stats.
+template <typename T>
+__device__ __forceinline__ ThreadStats scan_short_row(const T* row, int64_t vocab, float c2,
+                                                      int lane) {
+  constexpr int kGroup = 8;
+  ThreadStats st;
+  for (int64_t first = lane; first < vocab; first += kGroup * kWarpSize) {
+    float z[kGroup];
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t j = first + static_cast<int64_t>(k) * kWarpSize;
+      z[k] = j < vocab ? load_element(row + j) : -INFINITY;
+    }
+    accumulate(st, z, c2);
+  }
+  return st;
+}
+
+// Longer rows: this thread's share as a scalar head, kUnroll 16-byte vectors at a time, and a
+// scalar tail. Which elements a thread sees depends on the row's offset from a 16-byte boundary,
+// so results for differently aligned copies of a row may differ in the last bits.
 template <typename T, int kThreadsPerRow>
-__device__ __forceinline__ ThreadStats scan_row(const T* row, int64_t vocab, float c2, int lane) {
+__device__ __forceinline__ ThreadStats scan_long_row(const T* row, int64_t vocab, float c2,
+                                                     int lane) {
   constexpr int kElems = Vec<T>::kElems;
   ThreadStats st;
   const RowSplit split = split_row<T>(row, vocab);
@@ -159,14 +186,22 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     const T* row_logits = logits + row * in.row_stride;
     // Issued before the scan so its latency hides behind it.
     const float z_target = lane == 0 ? load_element(row_logits + target) : 0.0f;
-    const ThreadStats mine = scan_row<T, kThreadsPerRow>(row_logits, in.vocab, c2, lane);
+    ThreadStats mine;
+    if constexpr (kThreadsPerRow == kWarpSize) {
+      mine = scan_short_row<T>(row_logits, in.vocab, c2, lane);
+    } else {
+      mine = scan_long_row<T, kThreadsPerRow>(row_logits, in.vocab, c2, lane);
+    }
     const SoftmaxStats st =
-        row_allreduce<kThreadsPerRow>(to_natural(mine), MergeStatsOp(), slots);
+        row_allreduce<kThreadsPerRow>(to_natural(mine, params.inv_temperature), MergeStatsOp(),
+                                      slots);
     if (lane != 0) continue;
 
     RowResult r;
     r.lse = softmax_lse(st);
-    r.logp = z_target * params.inv_temperature - r.lse;
+    // x_y rounded on its own, not fused into x_y - lse: the same x as in the stats, so a row
+    // whose only finite logit is the target gets logp == 0 exactly.
+    r.logp = __fmul_rn(z_target, params.inv_temperature) - r.lse;
     r.entropy = softmax_entropy(st);
     if constexpr (kLoss) {
       const float old_logp = old_logprobs != nullptr ? old_logprobs[row] : r.logp;

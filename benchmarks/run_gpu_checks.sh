@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one go, for a lent GPU machine with a CUDA torch:
+# build the extension for the local GPU, run the test suite on CUDA, run a small workload under
+# compute-sanitizer, then the loss (and fused-linear) benchmarks. Each stage has a time limit and
+# writes its log under $OUT (default ./gpu_out), so a failing stage never hides the others.
+#   OUT=/tmp/out bash benchmarks/run_gpu_checks.sh
+# A Liger-Kernel wheel placed in .whl/ is installed first (the GPU machine has no network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  nvcc --version | tail -2; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+} >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+log "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0a})"
+export TORCH_CUDA_ARCH_LIST
+if ! timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
+fi
+python3 -c "import psft_ext, json; print(json.dumps(psft_ext.build_info()))" | tee -a "$OUT/summary.txt"
+
+log "pytest (CUDA and CPU)"
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} \
+  >"$OUT/pytest.log" 2>&1
+log "pytest exit $?: $(tail -1 "$OUT/pytest.log")"
+
+log "compute-sanitizer memcheck + racecheck on a small workload"
+for tool in memcheck racecheck; do
+  timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitizer_workload.py \
+    >>"$OUT/sanitizer.log" 2>&1
+  log "sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+done
+
+log "bench_loss"
+timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_loss.py --device cuda --reps 10 --warmup 2 \
+  --json "$OUT/bench_loss_cuda.json" >"$OUT/bench_loss_cuda.md" 2>&1
+log "bench_loss exit $?"
+tail -40 "$OUT/bench_loss_cuda.md"
+
+if [ -f benchmarks/bench_linear.py ]; then
+  log "bench_linear"
+  timeout "${BENCH_LINEAR_TIMEOUT:-240}" python3 benchmarks/bench_linear.py --device cuda \
+    --json "$OUT/bench_linear_cuda.json" >"$OUT/bench_linear_cuda.md" 2>&1
+  log "bench_linear exit $?"
+  tail -20 "$OUT/bench_linear_cuda.md"
+fi
+log "done"

@@ -1,0 +1,34 @@
+"""A small CUDA workload that touches every kernel and launch configuration, for compute-sanitizer.
+
+Run by benchmarks/run_gpu_checks.sh as `compute-sanitizer --tool memcheck python3 <this file>`:
+sizes are small because the sanitizer slows kernels by orders of magnitude.
+"""
+
+import torch
+
+import psft_ext
+
+
+def main():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, vocab in ((1, 1), (3, 7), (5, 129), (37, 1000), (4, 4099), (2, 40000)):
+            # An offset view so row starts are not 16-byte aligned, and a row stride > V.
+            base = torch.randn(n, vocab + 3, device=dev).to(dtype)
+            logits = base[:, 1:vocab + 1].requires_grad_(False).clone().requires_grad_(True)
+            strided = base[:, 1:vocab + 1]
+            targets = torch.randint(0, vocab, (n,), device=dev)
+            targets[::3] = -100
+            old = psft_ext.token_logprobs(strided, targets) + 0.3 * torch.randn(n, device=dev)
+            loss, metrics = psft_ext.psft_loss(logits, targets, old, return_metrics=True,
+                                               advantages=torch.randn(n, device=dev), dual_clip=3.0)
+            loss.backward()
+            psft_ext.token_logprobs(strided, targets.int(), with_entropy=True)
+            psft_ext.psft_loss(strided, targets, temperature=0.7, reduction="none")
+    torch.cuda.synchronize()
+    print("sanitizer workload done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+// PSFT backward: grad[r, j] = scale_r * (softmax(z_r / tau)_j - [j == y_r]) in the logits' dtype,
+// one read of each row whose scale is nonzero and one write of every row of the dense gradient.
+#include "psft_common.cuh"
+#include "psft_launch.h"
+
+namespace psft {
+namespace cuda {
+namespace {
+
+struct BackwardArgs {
+  Rows in;
+  const float* grad_loss;
+  const float* lse;
+  const float* coef;
+  int64_t ignore_index;
+  float inv_temperature;
+  void* grad;
+};
+
+// Per-row constants of the gradient.
+struct RowGrad {
+  float lse;
+  float scale;
+  float inv_temperature;
+  int64_t target;  // column index of the target in this row
+};
+
+// x = z / tau rounded on its own (__fmul_rn is never fused into x - lse), as the forward and the
+// CPU form it: where the forward found lse == x_y exactly (a row with one finite logit), the
+// gradient is then exactly 0.
+__device__ __forceinline__ float element_grad(float z, const RowGrad& g, bool is_target) {
+  return logit_grad(__fmul_rn(z, g.inv_temperature), g.lse, g.scale, is_target);
+}
+
+// The gradient row is vectorised on the *output's* 16-byte boundaries, so every store is a full
+// 16-byte store. The input row may sit at a different offset from its boundary (strided or
+// offset views): then it is read element by element (kVectorLoads = false). Those loads are
+// still coalesced, and the path only serves views that are not dense rows.
+template <typename T, int kThreadsPerRow, bool kVectorLoads>
+__device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int64_t vocab,
+                                               const RowGrad& g, int lane) {
+  constexpr int kElems = Vec<T>::kElems;
+  // Vectors loaded before any is converted. The element-wise path holds kElems registers per
+  // vector; with more than one in flight the kernel, which inlines both paths, spills at its
+  // 64-register budget.
+  constexpr int kUnroll = kVectorLoads ? 4 : 1;
+  const RowSplit split = split_row<T>(out_row, vocab);
+
+  if (lane < split.head) {
+    store_element(out_row + lane, element_grad(load_element(in_row + lane), g, lane == g.target));
+  }
+
+  const T* in_body = in_row + split.head;
+  T* out_body = out_row + split.head;
+  const int64_t target_in_body = g.target - split.head;  // negative when the target is in the head
+  for (int64_t first = lane; first < split.vectors; first += kUnroll * kThreadsPerRow) {
+    uint4 raw[kUnroll];
+    float z[kUnroll][kElems];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * kThreadsPerRow;
+      if (v < split.vectors) {
+        if constexpr (kVectorLoads) {
+          raw[u] = load_raw_vec(in_body + v * kElems);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kElems; ++k) z[u][k] = load_element(in_body + v * kElems + k);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = first + static_cast<int64_t>(u) * kThreadsPerRow;
+      if (v < split.vectors) {
+        if constexpr (kVectorLoads) unpack_vec<T>(raw[u], z[u]);
+        // Position of the target inside this vector, or -1: one 64-bit compare per vector, then
+        // 32-bit compares against the unrolled element index.
+        const int64_t offset = target_in_body - v * kElems;
+        const int target_slot =
+            (offset >= 0 && offset < kElems) ? static_cast<int>(offset) : -1;
+        float out[kElems];
+#pragma unroll
+        for (int k = 0; k < kElems; ++k) out[k] = element_grad(z[u][k], g, k == target_slot);
+        store_vec(out_body + v * kElems, out);
+      }
+    }
+  }
+
+  if (lane < split.tail) {
+    const int64_t j = split.head + split.vectors * kElems + lane;
+    store_element(out_row + j, element_grad(load_element(in_row + j), g, j == g.target));
+  }
+}
+
+template <typename T, int kThreadsPerRow, int kRowsPerBlock>
+__global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
+                                  kResidentThreadsPerSm / (kThreadsPerRow * kRowsPerBlock))
+    psft_backward_kernel(const BackwardArgs a) {
+  static_assert(kThreadsPerRow % kWarpSize == 0, "row groups are whole warps");
+  const int lane = static_cast<int>(threadIdx.x) % kThreadsPerRow;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
+                            static_cast<int64_t>(threadIdx.x) / kThreadsPerRow;
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+  const int64_t vocab = a.in.vocab;
+  const T* logits = static_cast<const T*>(a.in.logits);
+  T* grad = static_cast<T*>(a.grad);
+
+  for (int64_t row = first_row; row < a.in.rows; row += row_step) {
+    T* out_row = grad + row * vocab;
+    const int64_t target = load_target(a.in.targets, a.in.targets_int32, row);
+    if (target == a.ignore_index) {
+      fill_row<T, kThreadsPerRow>(out_row, vocab, 0.0f, lane);
+      continue;
+    }
+    // Rejected before launch; never read outside the row if one slips through.
+    if (!target_in_range(target, vocab)) {
+      fill_row<T, kThreadsPerRow>(out_row, vocab, NAN, lane);
+      continue;
+    }
+    RowGrad g;
+    g.scale = a.grad_loss[row] * a.coef[row] * a.inv_temperature;
+    // Clipped rows (coef = 0) and rows without upstream gradient: no need to read the logits.
+    // A NaN scale is not 0 and propagates into the row.
+    if (g.scale == 0.0f) {
+      fill_row<T, kThreadsPerRow>(out_row, vocab, 0.0f, lane);
+      continue;
+    }
+    g.lse = a.lse[row];
+    g.inv_temperature = a.inv_temperature;
+    g.target = target;
+    const T* in_row = logits + row * a.in.row_stride;
+    const bool same_phase = ((reinterpret_cast<uintptr_t>(in_row) ^
+                              reinterpret_cast<uintptr_t>(out_row)) & 15u) == 0;
+    if (same_phase) {
+      write_grad_row<T, kThreadsPerRow, true>(in_row, out_row, vocab, g, lane);
+    } else {
+      write_grad_row<T, kThreadsPerRow, false>(in_row, out_row, vocab, g, lane);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const float* lse,
+                                 const float* coef, int64_t ignore_index, float inv_temperature,
+                                 void* grad_logits, cudaStream_t stream) {
+  if (in.rows == 0) return cudaSuccess;
+  if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
+      grad_loss == nullptr || lse == nullptr || coef == nullptr || grad_logits == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const BackwardArgs args{in, grad_loss, lse, coef, ignore_index, inv_temperature, grad_logits};
+  return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
+    return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
+      psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock>
+          <<<grid_for_rows(in.rows, kRowsPerBlock), kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
+              args);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace psft
