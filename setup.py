@@ -34,7 +34,7 @@ def _extension():
     debug = os.environ.get("PSFT_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No errno, no FP traps: lets GCC turn the kernels' selects into SIMD blends (NaN still propagates).
-    cxx_flags = opt + ["-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags = opt + ["-fno-math-errno", "-fno-trapping-math"]  # C++ standard: torch's choice
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
     if not _with_cuda():
@@ -50,7 +50,6 @@ def _extension():
     define_macros += [("PSFT_WITH_CUDA", None), ("PSFT_CUDA_ARCHS", f'"{arch_list}"')]
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     nvcc_flags = opt + [
-        "-std=c++17",
         "--expt-relaxed-constexpr",
         "-lineinfo",
         # torch adds these to every nvcc call; our kernels need the real half/bf16 operators.

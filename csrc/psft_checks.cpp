@@ -1,9 +1,34 @@
 #include "psft_checks.h"
 
 #include <ATen/ATen.h>
+
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 
 namespace psft {
+
+std::string str_of(int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%" PRId64, v);
+  return buf;
+}
+
+std::string str_of(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string str_of(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + str_of(sizes[i]);
+  return s + "]";
+}
+
+std::string str_of(at::ScalarType t) { return c10::toString(t); }
+
+std::string str_of(const c10::Device& d) { return d.str(); }
 
 namespace {
 
@@ -11,18 +36,18 @@ namespace {
 void check_logits_and_targets_layout(const at::Tensor& logits, const at::Tensor& targets,
                                      const char* op) {
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (N, V), got shape ",
-                    logits.sizes());
+                    str_of(logits.sizes()));
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                        logits.scalar_type() == at::kHalf,
                    op, ": logits must be float32, bfloat16 or float16, got ",
-                   logits.scalar_type());
+                   str_of(logits.scalar_type()));
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op,
-                    ": targets must have shape (N,) = (", logits.size(0), ",), got ",
-                    targets.sizes());
+                    ": targets must have shape (N,) = (", str_of(logits.size(0)), ",), got ",
+                    str_of(targets.sizes()));
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, op,
-                   ": targets must be int64 or int32, got ", targets.scalar_type());
+                   ": targets must be int64 or int32, got ", str_of(targets.scalar_type()));
   TORCH_CHECK_VALUE(targets.device() == logits.device(), op, ": targets are on ",
-                    targets.device(), " but logits are on ", logits.device());
+                    str_of(targets.device()), " but logits are on ", str_of(logits.device()));
 }
 
 }  // namespace
@@ -41,9 +66,9 @@ void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& target
   if (bad.any().item<bool>()) {
     const int64_t pos = bad.nonzero().select(1, 0)[0].item<int64_t>();
     const int64_t id = ids[pos].item<int64_t>();
-    TORCH_CHECK_VALUE(false, op, ": target id ", id, " at position ", pos,
-                      " is out of range for a vocabulary of ", vocab,
-                      " (valid ids are 0..", vocab - 1, ", or ignore_index=", ignore_index, ")");
+    TORCH_CHECK_VALUE(false, op, ": target id ", str_of(id), " at position ", str_of(pos),
+                      " is out of range for a vocabulary of ", str_of(vocab), " (valid ids are 0..",
+                      str_of(vocab - 1), ", or ignore_index=", str_of(ignore_index), ")");
   }
 }
 
@@ -51,16 +76,17 @@ void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logit
                      const char* what, const char* op) {
   if (!t.has_value()) return;
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == logits.size(0), op, ": ", what,
-                    " must have shape (N,) = (", logits.size(0), ",), got ", t->sizes());
+                    " must have shape (N,) = (", str_of(logits.size(0)), ",), got ",
+                    str_of(t->sizes()));
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", what, " must be float32, got ",
-                   t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == logits.device(), op, ": ", what, " is on ", t->device(),
-                    " but logits are on ", logits.device());
+                   str_of(t->scalar_type()));
+  TORCH_CHECK_VALUE(t->device() == logits.device(), op, ": ", what, " is on ", str_of(t->device()),
+                    " but logits are on ", str_of(logits.device()));
 }
 
 void check_temperature(double temperature, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
-                    ": temperature must be a finite positive number, got ", temperature);
+                    ": temperature must be a finite positive number, got ", str_of(temperature));
 }
 
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -77,12 +103,12 @@ LossParams make_loss_params(double advantage, double clip_low, double clip_high,
                             int64_t ignore_index, double temperature) {
   const char* op = "psft_forward";
   TORCH_CHECK_VALUE(std::isfinite(clip_low) && clip_low >= 0.0, op,
-                    ": clip_low must be finite and >= 0, got ", clip_low);
+                    ": clip_low must be finite and >= 0, got ", str_of(clip_low));
   TORCH_CHECK_VALUE(std::isfinite(clip_high) && clip_high >= 0.0, op,
-                    ": clip_high must be finite and >= 0, got ", clip_high);
+                    ": clip_high must be finite and >= 0, got ", str_of(clip_high));
   TORCH_CHECK_VALUE(dual_clip == 0.0 || (std::isfinite(dual_clip) && dual_clip > 1.0), op,
-                    ": dual_clip must be a finite number > 1 (or 0 to disable), got ", dual_clip);
-  TORCH_CHECK_VALUE(std::isfinite(advantage), op, ": advantage must be finite, got ", advantage);
+                    ": dual_clip must be a finite number > 1 (or 0 to disable), got ", str_of(dual_clip));
+  TORCH_CHECK_VALUE(std::isfinite(advantage), op, ": advantage must be finite, got ", str_of(advantage));
   check_temperature(temperature, op);
   LossParams p;
   p.clip_low = static_cast<float>(clip_low);

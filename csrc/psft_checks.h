@@ -5,11 +5,23 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
 #include <optional>
+#include <string>
 
 #include "psft_math.h"
 
 namespace psft {
+
+// Message pieces as strings. Error messages are built from strings only: numbers are formatted
+// with snprintf, never through an iostream in this library. On one GPU machine (its g++ 13
+// headers, an older libstdc++ at run time) the iostream number formatting that g++ inlines into
+// the extension crashed inside the TORCH_CHECK that was reporting a bad target id.
+std::string str_of(int64_t v);
+std::string str_of(double v);
+std::string str_of(at::IntArrayRef sizes);
+std::string str_of(at::ScalarType t);
+std::string str_of(const c10::Device& d);
 
 // Checks logits (N, V) and targets (N,): ranks, dtypes, devices, and that every target is either
 // ignore_index or in [0, V) (this last check reads the targets: one small pass, one sync on GPU).

@@ -23,14 +23,14 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor, at::Tensor>;
 
 void check_on_cuda(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK_VALUE(logits.is_cuda(), op, ": logits are on ", logits.device(),
+  TORCH_CHECK_VALUE(logits.is_cuda(), op, ": logits are on ", str_of(logits.device()),
                     " but another argument is on a CUDA device");
 }
 
 DType dtype_of(const at::Tensor& logits, const char* op) {
   const at::ScalarType t = logits.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
-                   ": logits must be float32, bfloat16 or float16, got ", t);
+                   ": logits must be float32, bfloat16 or float16, got ", str_of(t));
   return t == at::kFloat ? DType::kFloat32 : (t == at::kBFloat16 ? DType::kBFloat16
                                                                   : DType::kFloat16);
 }
