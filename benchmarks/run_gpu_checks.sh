@@ -3,44 +3,60 @@
 # build the extension for the local GPU, run the test suite on CUDA, run a small workload under
 # compute-sanitizer, then the loss (and fused-linear) benchmarks. Each stage has a time limit and
 # writes its log under $OUT (default ./gpu_out), so a failing stage never hides the others.
-#   OUT=/tmp/out bash benchmarks/run_gpu_checks.sh
+#   OUT=/tmp/out bash benchmarks/run_gpu_checks.sh [stage ...]
+# Stages: build test sanitize bench (default: all, in that order). A later call on the same machine
+# can run `bench` alone: the editable install from `build` stays in place.
 # A Liger-Kernel wheel placed in .whl/ is installed first (the GPU machine has no network).
+# pytest runs with -n 8 (pytest-xdist): a crashing test then fails alone instead of ending the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The repository root on the path too, so the scripts under benchmarks/ import the in-place build.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+STAGES=" ${*:-build test sanitize bench} "
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   nvcc --version | tail -2; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
-} >"$OUT/summary.txt" 2>&1
+} >>"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 
+if want build; then
 log "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0a})"
 export TORCH_CUDA_ARCH_LIST
 if ! timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
 fi
+grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
+fi
 python3 -c "import psft_ext, json; print(json.dumps(psft_ext.build_info()))" | tee -a "$OUT/summary.txt"
 
-log "pytest (CUDA and CPU)"
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider tests ${PYTEST_ARGS:-} \
+if want test; then
+log "pytest (the CUDA tests; the CPU ones run in CI)"
+timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -n 8 --maxfail=20 --continue-on-collection-errors -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} \
   >"$OUT/pytest.log" 2>&1
 log "pytest exit $?: $(tail -1 "$OUT/pytest.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+fi
 
+if want sanitize; then
 log "compute-sanitizer memcheck + racecheck on a small workload"
-for tool in memcheck racecheck; do
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
   timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitizer_workload.py \
     >>"$OUT/sanitizer.log" 2>&1
   log "sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)"
 done
+fi
 
+if want bench; then
 log "bench_loss"
 timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_loss.py --device cuda --reps 10 --warmup 2 \
   --json "$OUT/bench_loss_cuda.json" >"$OUT/bench_loss_cuda.md" 2>&1
@@ -53,5 +69,6 @@ if [ -f benchmarks/bench_linear.py ]; then
     --json "$OUT/bench_linear_cuda.json" >"$OUT/bench_linear_cuda.md" 2>&1
   log "bench_linear exit $?"
   tail -20 "$OUT/bench_linear_cuda.md"
+fi
 fi
 log "done"
