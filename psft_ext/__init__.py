@@ -3,10 +3,12 @@
     import psft_ext
     loss = psft_ext.psft_loss(logits, targets, old_logprobs)          # PSFT, authors' defaults
     old = psft_ext.token_logprobs(logits, targets)                    # old-policy log-probs
+    loss = psft_ext.linear_psft_loss(hidden, lm_head.weight, targets, old)  # logits never formed
 """
 
 from .build_info import build_info
 from .labels import shift_labels
+from .linear import linear_psft_loss, linear_token_logprobs
 from .loss import PSFTMetrics, psft_loss, token_logprobs
 from .module import PSFTLoss
 from . import reference
@@ -17,6 +19,8 @@ __all__ = [
     "PSFTLoss",
     "PSFTMetrics",
     "build_info",
+    "linear_psft_loss",
+    "linear_token_logprobs",
     "psft_loss",
     "reference",
     "shift_labels",
