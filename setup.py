@@ -11,6 +11,7 @@ Environment knobs:
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -37,11 +38,19 @@ def _extension():
     cxx_flags = opt + ["-fno-math-errno", "-fno-trapping-math"]  # C++ standard: torch's choice
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
+    link_args = []
+    # at::parallel_for is inline code that, in OpenMP builds of torch (Linux), expands to
+    # `#pragma omp parallel`: without -fopenmp here the CPU kernels would silently run on one
+    # thread.
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     if not _with_cuda():
         return CppExtension(
             "psft_ext._C",
             sources,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
             define_macros=define_macros,
         )
     # Hopper's own instructions (thread-block clusters, setmaxnreg) need sm_90a, which torch's
@@ -62,6 +71,7 @@ def _extension():
         "psft_ext._C",
         sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_args,
         define_macros=define_macros,
     )
 
