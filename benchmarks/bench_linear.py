@@ -32,7 +32,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import IGNORED_SHARE, environment, peak_extra_memory, time_median  # noqa: E402
+from bench_loss import (  # noqa: E402
+    IGNORED_SHARE, _mib, environment, peak_extra_memory, time_median)
 
 import psft_ext  # noqa: E402
 from psft_ext import linear as psft_linear  # noqa: E402
@@ -198,10 +199,6 @@ def bench_shape(n, hidden_size, vocab, dtype, device, contenders, reps, warmup, 
 
 def _ms(s):
     return "-" if s is None else f"{s * 1e3:.1f}"
-
-
-def _mib(b):
-    return "-" if b is None else f"{b / 2**20:.0f}"
 
 
 def markdown_table(rows):
