@@ -1,0 +1,407 @@
+"""The PSFT loss and the token log-probs of a Hugging Face style causal LM (framework-free).
+
+``CausalLMPSFT`` runs a causal LM on a batch (a mapping with ``input_ids``, ``attention_mask``,
+``position_ids``, ... and ``labels`` aligned with the input ids, or pre-shifted ``shift_labels``)
+and computes the PSFT loss or the per-token log-probs of the targets.
+
+The fused linear path. The (tokens x vocabulary) logits are the largest activation of LLM training,
+so by default the loss is computed from the final hidden states and the LM head's weight with
+:func:`psft_ext.linear_psft_loss`, which never materializes them. The model is called through its
+own forward (so DDP / accelerate wrappers, autocast and hooks all apply) with ``logits_to_keep=1``
+(the LM head then projects only the last position), and the final hidden states are taken from a
+forward hook on the backbone (``model.base_model``), whose output is what the LM head reads. A hook
+is used rather than ``output_hidden_states=True`` because the latter keeps every layer's hidden
+states alive, which costs memory in the no-grad pass of the old policy.
+
+This is only correct when ``logits = hidden @ W.T + b`` exactly. Models with a final-logit
+transform (Gemma's soft-capping, Cohere's / Granite's scaling, ...) are recognized from their
+config and use the logits path, with a warning; for the others, the first call checks that the
+one kept position's logits equal ``F.linear`` of its hidden state, and falls back to the logits
+path (with a warning) if they do not. The caller can also block the fused path (the Trainer does
+under FSDP / ZeRO-3, where the LM head's weight is sharded outside the forward).
+"""
+
+import contextlib
+import inspect
+import warnings
+import weakref
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..labels import shift_labels
+from ..linear import linear_psft_loss, linear_token_logprobs
+from ..loss import psft_loss, token_logprobs
+
+# Key under which a batch carries the old policy's per-token log-probs (see old_policy.py).
+OLD_LOGPROBS_KEY = "psft_old_logprobs"
+# Keys of a batch that belong to the loss, never passed to the model: the model would compute its
+# own cross-entropy from labels (a wasted N x V pass) or choke on the others.
+LOSS_KEYS = ("labels", "shift_labels", OLD_LOGPROBS_KEY, "num_items_in_batch")
+
+# Config attributes of final-logit transforms found in transformers' models; the value that means
+# "no transform" follows. Soft-capping: tanh(z / c) * c (Gemma 2/3). Scales: logits * s (Cohere's
+# logit_scale, Falcon-H1's lm_head_multiplier, output_multiplier) or logits / s (Granite's and
+# MiniCPM's logits_scaling).
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "output_multiplier": 1.0,
+    "lm_head_multiplier": 1.0,
+    "logits_scaling": 1.0,
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def batch_targets(batch: Mapping[str, Any], ignore_index: int = -100) -> torch.Tensor:
+    """Targets aligned with the logits' positions: ``batch["shift_labels"]`` when the collator
+    provides them (padding-free / context-parallel collators do), else the shifted ``labels``.
+
+    Label masking (-100 on prompt, padding and packed-sequence boundary tokens) carries over: a
+    position whose next token is masked gets ``ignore_index``.
+    """
+    targets = batch.get("shift_labels")
+    if targets is not None:
+        return targets
+    labels = batch.get("labels")
+    if labels is None:
+        raise KeyError("a PSFT batch needs 'labels' (aligned with input_ids, -100 where there is "
+                       "no loss) or pre-shifted 'shift_labels'")
+    return shift_labels(labels, ignore_index)
+
+
+def count_targets(batches: Iterable[Mapping[str, Any]], ignore_index: int = -100) -> torch.Tensor:
+    """Number of non-ignored targets in ``batches`` (0-d int64 tensor, no host sync): the
+    token-mean denominator of one optimizer step (``num_items`` of the loss)."""
+    total = None
+    for batch in batches:
+        n = (batch_targets(batch, ignore_index) != ignore_index).sum()
+        total = n if total is None else total + n.to(total.device)
+    return torch.zeros((), dtype=torch.int64) if total is None else total
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict:
+    """The batch without the loss's keys."""
+    return {k: v for k, v in batch.items() if k not in LOSS_KEYS}
+
+
+def logit_transform(config) -> Optional[str]:
+    """``"name=value"`` of the first final-logit transform ``config`` declares, else None."""
+    if config is None:
+        return None
+    get_text_config = getattr(config, "get_text_config", None)
+    configs = [config]
+    if callable(get_text_config):
+        text_config = get_text_config()
+        if text_config is not config:
+            configs.append(text_config)
+    for cfg in configs:
+        for name, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, name, None)
+            if value is not None and value != neutral and not (neutral is None and value == 0):
+                return f"{name}={value}"
+    return None
+
+
+class HeadInputs(NamedTuple):
+    """What the loss reads: the final hidden states and the LM head (fused path), or the logits."""
+
+    hidden: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
+    amp: Optional[torch.dtype] = None  # autocast dtype of the model's LM head (fused path)
+
+    def autocast(self):
+        """The autocast the model's LM head runs under, for the fused loss's matmuls."""
+        if self.amp is None or self.hidden is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.hidden.device.type, dtype=self.amp)
+
+
+class _Capture:
+    """Forward hook keeping the backbone's output while armed (and only then)."""
+
+    def __init__(self):
+        self.armed = False
+        self.value = None
+
+    def __call__(self, module, args, output):
+        if self.armed:
+            self.value = output
+
+
+class _FusedPlan:
+    def __init__(self, backbone: nn.Module, head: nn.Linear, forward_kwargs: dict):
+        self.head = head
+        self.forward_kwargs = forward_kwargs
+        self.capture = _Capture()
+        self.handle = backbone.register_forward_hook(self.capture)
+        self.verified = False
+        self.amp = None  # autocast dtype the model's LM head runs under, if any
+
+    def release(self):
+        self.handle.remove()
+
+
+def _last_hidden(output) -> Optional[torch.Tensor]:
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, (tuple, list)) and output:
+        hidden = output[0]
+    if hidden is None and isinstance(output, torch.Tensor):
+        hidden = output
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _logits_of(output) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the model returned {type(output).__name__} without logits")
+    return logits
+
+
+def _forward_parameters(lm: nn.Module):
+    try:
+        return inspect.signature(type(lm).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+class CausalLMPSFT:
+    """PSFT loss / token log-probs of a Hugging Face style causal LM on a batch.
+
+    Args:
+        clip_low, clip_high: the trust region of the ratio (authors' recipe: 0.2, 0.28).
+        use_fused_linear: compute from the hidden states and the LM head without forming the
+            logits (falls back to the logits by itself where that would be wrong).
+        chunk_size: rows of logits formed at a time by the fused linear loss (None: automatic).
+        ignore_index, temperature: as for :func:`psft_ext.psft_loss`.
+
+    ``model`` is what is called (possibly a DDP / accelerate wrapper); ``lm`` is the unwrapped
+    causal LM, where the LM head and the config are looked up (default: ``unwrap_model(model)``).
+    """
+
+    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
+                 use_fused_linear: bool = True, chunk_size: Optional[int] = None,
+                 ignore_index: int = -100, temperature: float = 1.0):
+        self.clip_low = clip_low
+        self.clip_high = clip_high
+        self.use_fused_linear = use_fused_linear
+        self.chunk_size = chunk_size
+        self.ignore_index = ignore_index
+        self.temperature = temperature
+        self._blocked: Optional[str] = None
+        # One decision per model: a _FusedPlan, or False for the logits path.
+        self._plans = weakref.WeakKeyDictionary()
+
+    # ---------------------------------------------------------------------------------------
+    # Choosing the path
+    # ---------------------------------------------------------------------------------------
+
+    def block_fused(self, reason: str) -> None:
+        """Use the logits path from now on (``reason`` goes into the one warning)."""
+        self._blocked = reason
+        for lm in list(self._plans.keys()):
+            self._drop(lm)
+
+    def uses_fused(self, lm: nn.Module) -> bool:
+        """Whether calls with this (unwrapped) model take the fused linear path, as decided so
+        far (the check of the first call may still turn it off)."""
+        return bool(self._plan(lm))
+
+    def _drop(self, lm):
+        plan = self._plans.get(lm)
+        if plan:
+            plan.release()
+        self._plans[lm] = False
+
+    def _fallback(self, lm, why):
+        warnings.warn(f"psft_ext: {why}; computing the PSFT loss from the full logits instead of "
+                      f"the fused linear path (same result, more memory)", stacklevel=4)
+        self._drop(lm)
+
+    def _plan(self, lm: nn.Module):
+        plan = self._plans.get(lm)
+        if plan is not None:
+            return plan
+        if not self.use_fused_linear:
+            self._plans[lm] = False
+            return False
+        if self._blocked is not None:
+            self._fallback(lm, self._blocked)
+            return False
+        # PEFT models forward to their base model; the head, the backbone and the signature are
+        # the base model's.
+        target = lm.get_base_model() if callable(getattr(lm, "get_base_model", None)) else lm
+        get_head = getattr(target, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if type(head) is not nn.Linear:
+            # A subclass (a LoRA-wrapped or quantized head) may compute something else than
+            # F.linear with its weight.
+            self._fallback(lm, f"the LM head is {type(head).__name__}, not a torch.nn.Linear")
+            return False
+        transform = logit_transform(getattr(target, "config", None))
+        if transform is not None:
+            self._fallback(lm, f"the model transforms its final logits ({transform}), which the "
+                               f"fused linear loss does not apply")
+            return False
+        params = _forward_parameters(target)
+        if "logits_to_keep" not in params:
+            self._fallback(lm, f"{type(target).__name__}.forward has no logits_to_keep argument")
+            return False
+        backbone = getattr(target, "base_model", None)
+        if not isinstance(backbone, nn.Module) or backbone is target:
+            self._fallback(lm, f"{type(target).__name__} has no separate backbone (base_model)")
+            return False
+        kwargs = {"logits_to_keep": 1}
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        plan = _FusedPlan(backbone, head, kwargs)
+        self._plans[lm] = plan
+        return plan
+
+    @staticmethod
+    def _probe(output, hidden, head_calls) -> Optional[str]:
+        """None when the model's logits are exactly the LM head's output and the LM head read the
+        backbone's output, else why not. Exact comparisons (no tolerance): the same tensors flow
+        through, so any difference is a transform the fused loss would not apply."""
+        if hidden is None:
+            return "the backbone's output holds no hidden states"
+        if len(head_calls) != 1:
+            return f"the LM head ran {len(head_calls)} times in one forward"
+        head_in, head_out, _ = head_calls[0]
+        try:
+            logits = _logits_of(output)
+        except TypeError as err:
+            return str(err)
+        if not isinstance(head_in, torch.Tensor) or head_in.dim() < 2 or hidden.dim() < 2 or \
+                head_in.shape[:-2] != hidden.shape[:-2] or head_in.shape[-1] != hidden.shape[-1]:
+            return "the LM head does not read the backbone's output"
+        if not torch.equal(head_in[..., -1, :], hidden[..., -1, :]):
+            return ("the LM head's input differs from the backbone's output (a transform between "
+                    "them)")
+        if head_out.shape != logits.shape or \
+                not torch.equal(head_out.to(logits.dtype), logits):
+            return "the model's logits differ from its LM head's output (a final-logit transform)"
+        return None
+
+    @staticmethod
+    def _run(model, plan, inputs):
+        """(output, captured final hidden states) of one forward with the plan's arguments."""
+        plan.capture.armed = True
+        try:
+            output = model(**inputs, **plan.forward_kwargs)
+            return output, _last_hidden(plan.capture.value)
+        finally:
+            plan.capture.armed = False
+            plan.capture.value = None
+
+    def _verify(self, lm, plan, inputs):
+        # A separate no-grad forward of the unwrapped model, once per model: checking inside the
+        # training forward would, on a mismatch, need a second grad-enabled forward of the same
+        # micro-batch, which DDP does not allow before a backward. In eval mode, so that it
+        # draws no dropout randomness: the training run's random stream stays that of plain SFT.
+        head_calls = []
+
+        def on_head(module, args, output):
+            device_type = output.device.type
+            amp = (torch.get_autocast_dtype(device_type)
+                   if torch.is_autocast_enabled(device_type) else None)
+            head_calls.append((args[0] if args else None, output, amp))
+
+        handle = plan.head.register_forward_hook(on_head)
+        was_training = lm.training
+        lm.eval()
+        try:
+            with torch.no_grad():
+                output, hidden = self._run(lm, plan, inputs)
+                why = self._probe(output, hidden, head_calls)
+        finally:
+            lm.train(was_training)
+            handle.remove()
+        if why is None:
+            # The model's LM head may run under an autocast that its forward enters itself
+            # (accelerate's mixed precision wraps the forward): the fused loss then computes the
+            # logits in that dtype too, as the model would.
+            plan.amp = head_calls[0][2]
+            plan.verified = True
+        else:
+            self._fallback(lm, why)
+
+    # ---------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any],
+                lm: Optional[nn.Module] = None) -> HeadInputs:
+        """Runs ``model`` on the batch's model inputs; returns the loss's inputs."""
+        lm = unwrap_model(model) if lm is None else lm
+        inputs = model_inputs(batch)
+        plan = self._plan(lm)
+        if plan and not plan.verified:
+            self._verify(lm, plan, inputs)
+            plan = self._plan(lm)
+        if plan:
+            hidden = self._run(model, plan, inputs)[1]
+            if hidden is None:
+                raise RuntimeError("psft_ext: the backbone's forward hook caught no hidden states")
+            return HeadInputs(hidden, plan.head.weight, plan.head.bias, None, plan.amp)
+        kwargs = {"use_cache": False} if "use_cache" in _forward_parameters(lm) else {}
+        return HeadInputs(None, None, None, _logits_of(model(**inputs, **kwargs)))
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Any],
+             old_logprobs: Optional[torch.Tensor] = None, *, num_items=None,
+             lm: Optional[nn.Module] = None):
+        """``(loss, PSFTMetrics)`` of the batch: token-mean over ``num_items`` targets (default:
+        this batch's). ``old_logprobs=None`` takes the batch's attached ones
+        (``batch[OLD_LOGPROBS_KEY]``), and without those the ratio is exactly 1 (SFT's gradient).
+        """
+        if old_logprobs is None:
+            old_logprobs = batch.get(OLD_LOGPROBS_KEY)
+        targets = batch_targets(batch, self.ignore_index)
+        head = self.forward(model, batch, lm)
+        kwargs = dict(clip_low=self.clip_low, clip_high=self.clip_high,
+                      ignore_index=self.ignore_index, temperature=self.temperature,
+                      num_items=num_items, return_metrics=True)
+        if head.hidden is not None:
+            with head.autocast():
+                return linear_psft_loss(head.hidden, head.weight, targets.to(head.hidden.device),
+                                        _on(old_logprobs, head.hidden), bias=head.bias,
+                                        chunk_size=self.chunk_size, **kwargs)
+        return psft_loss(head.logits, targets.to(head.logits.device),
+                         _on(old_logprobs, head.logits), **kwargs)
+
+    def token_logprobs(self, model: nn.Module, batch: Mapping[str, Any],
+                       lm: Optional[nn.Module] = None) -> torch.Tensor:
+        """float32 log-probs of the batch's targets (0 where ignored), shape of the targets,
+        under ``torch.no_grad`` and without any tokens x vocabulary tensor on the fused path."""
+        targets = batch_targets(batch, self.ignore_index)
+        with torch.no_grad():
+            head = self.forward(model, batch, lm)
+            if head.hidden is not None:
+                with head.autocast():
+                    return linear_token_logprobs(
+                        head.hidden, head.weight, targets.to(head.hidden.device),
+                        bias=head.bias, chunk_size=self.chunk_size,
+                        ignore_index=self.ignore_index, temperature=self.temperature)
+            return token_logprobs(head.logits, targets.to(head.logits.device),
+                                  ignore_index=self.ignore_index, temperature=self.temperature)
+
+
+def _on(tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.to(like.device)

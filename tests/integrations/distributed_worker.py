@@ -1,0 +1,116 @@
+"""What the distributed tests compare, run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by
+test_integration_ddp.py, and in the test's own process on one process with the same global batches.
+
+``run_trainer``: PSFTTrainer under DDP (per-device batch 2) or alone (batch 4); records the
+gradients of every optimizer step (after DDP's all-reduce), the training logs and the final
+weights.
+
+``run_fsdp2_loop``: a plain PSFT loop (OldPolicyGroups + CausalLMPSFT) on a tiny Llama sharded with
+FSDP2 (``fully_shard``), or unsharded. Under FSDP2 the LM head's weight is a sharded DTensor outside
+the model's forward, so the fused linear path is blocked and the loss is computed from the logits
+of the wrapped model's forward; the old log-probs go through the wrapped model too (it gathers the
+parameters). The Trainer enables FSDP only on GPUs, hence the plain loop for the CPU check.
+
+Both run in the same two processes (one launch: starting the processes is most of the cost).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from integration_helpers import TokenDataset, pad_collate, psft_args, tiny_model  # noqa: E402
+from psft_ext.integrations.causal_lm import CausalLMPSFT, count_targets  # noqa: E402
+from psft_ext.integrations.old_policy import OldPolicyGroups, compute_old_logprobs  # noqa: E402
+from psft_ext.integrations.transformers import PSFTTrainer  # noqa: E402
+
+TRAINER_STEPS = 4
+
+
+class GradRecorder(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+
+
+def run_trainer(output_dir, per_device_batch, ddp_backend=None):
+    args = psft_args(
+        output_dir, per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=2,
+        max_steps=TRAINER_STEPS, steps_per_old_policy=2, learning_rate=3.0, optim="sgd",
+        max_grad_norm=0.0, train_sampling_strategy="sequential", save_strategy="steps",
+        save_steps=3, ddp_backend=ddp_backend)
+    # Equal lengths (no padding, so per-rank and global batches run the same kernels) but
+    # different label masks per sequence: the token mean must count every rank's tokens.
+    trainer = PSFTTrainer(model=tiny_model(), args=args, data_collator=pad_collate,
+                          train_dataset=TokenDataset(n=32, equal_lengths=True))
+    recorder = GradRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    weights = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return {"grads": recorder.grads, "logs": logs, "weights": weights,
+            "world_size": trainer.args.world_size}
+
+
+LOOP_STEPS, GRAD_ACCUM, K, PER_RANK = 4, 2, 2, 2
+
+
+def run_fsdp2_loop(rank=0, world=1, shard=False):
+    model = tiny_model()
+    head = CausalLMPSFT()
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        head.block_fused("FSDP2 shards the LM head")
+    optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+    data = TokenDataset(n=64, equal_lengths=True)
+    per_batch = PER_RANK * (2 // world)  # the single process takes both ranks' samples
+    micro_batches = []
+    for i in range(LOOP_STEPS * GRAD_ACCUM):
+        start = i * 2 * PER_RANK + rank * per_batch
+        micro_batches.append(pad_collate([data[j] for j in range(start, start + per_batch)]))
+    groups = OldPolicyGroups(lambda b: compute_old_logprobs(model, b, head=head), K)
+    clip = []
+    for step in groups.steps(micro_batches, micro_batches_per_step=GRAD_ACCUM):
+        num_items = count_targets(step.batches)
+        if world > 1:
+            dist.all_reduce(num_items)  # token mean over the global step
+        for mb in step:
+            loss, metrics = head.loss(model, mb.batch, mb.old_logprobs, num_items=num_items)
+            # FSDP averages the gradients over ranks; the loss is already a global token mean.
+            (loss * world).backward()
+            clip.append(float(metrics.clip_fraction))
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = {}
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        weights[name] = full.detach().clone()
+    return {"weights": weights, "clip": clip}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--result", required=True)
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    result = {"trainer": run_trainer(opts.output_dir, 2, ddp_backend="gloo")}
+    # The Trainer's accelerate state initialized the process group (gloo).
+    result["fsdp2"] = run_fsdp2_loop(dist.get_rank(), dist.get_world_size(), shard=True)
+    if dist.get_rank() == 0:
+        torch.save(result, opts.result)
+
+
+if __name__ == "__main__":
+    main()

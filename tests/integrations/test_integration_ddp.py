@@ -1,0 +1,99 @@
+"""Data parallelism on 2 CPU processes (torchrun, gloo) against one process on the same global
+batches.
+
+DDP: PSFTTrainer makes the same steps: same gradients at every optimizer step, same logged loss
+and metrics, same final weights. The token mean counts the tokens of both ranks, and each rank's
+old-policy cache (and checkpoint file) covers its own micro-batches.
+
+FSDP2: the Trainer only enables FSDP on GPUs, so the CPU check is a plain loop (OldPolicyGroups +
+CausalLMPSFT) on a model sharded with ``fully_shard``, where the LM head's weight is a sharded
+DTensor outside the forward and the loss goes through the logits.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch.distributed as dist  # noqa: E402
+
+from integration_helpers import one_thread  # noqa: E402,F401  (autouse fixture)
+from psft_ext.integrations.transformers import METRIC_NAMES, old_policy_file  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One launch of distributed_worker.py on 2 CPU processes (both checks run in it)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           os.path.join(HERE, "distributed_worker.py"), "--output-dir", str(tmp / "ddp"),
+           "--result", str(tmp / "result.pt")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return tmp, torch.load(tmp / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    sys.path.insert(0, HERE)
+    try:
+        import distributed_worker
+    finally:
+        sys.path.remove(HERE)
+    return distributed_worker
+
+
+def test_ddp_two_processes_match_one(launched, worker, tmp_path):
+    tmp, result = launched
+    ddp = result["trainer"]
+    assert ddp["world_size"] == 2
+    single = worker.run_trainer(tmp_path / "single", per_device_batch=4)
+    assert single["world_size"] == 1
+
+    assert len(ddp["grads"]) == len(single["grads"]) == worker.TRAINER_STEPS
+    for step, (gd, gs) in enumerate(zip(ddp["grads"], single["grads"])):
+        for name in gs:
+            torch.testing.assert_close(gd[name], gs[name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"step {step + 1}, {name}: {m}")
+    for ld, ls in zip(ddp["logs"], single["logs"]):
+        for key in ("loss", *METRIC_NAMES):
+            assert ld[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
+    assert any(entry["clip_fraction"] > 0 for entry in single["logs"])
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(ddp["weights"][name], w, rtol=1e-4, atol=1e-5)
+
+    # Each rank saved its own old-policy cache (step 3 of 4: one step of the group left).
+    for rank in (0, 1):
+        cache = torch.load(tmp / "ddp" / "checkpoint-3" / old_policy_file(rank),
+                           weights_only=True)
+        assert cache["world_size"] == 2 and len(cache["old_logprobs"]) == 1
+
+
+def test_fsdp2_plain_loop_matches_one_process(launched, worker):
+    sharded = launched[1]["fsdp2"]
+    single = worker.run_fsdp2_loop()
+    assert any(c > 0 for c in single["clip"])
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], w, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
