@@ -185,7 +185,7 @@ class _GradAccumulator:
             self.gb += g.sum(0, dtype=self.gb.dtype)
 
     def results(self, hidden, weight, bias):
-        """The gradients in the inputs' dtypes; empty placeholders for those not computed (custom
+        """The gradients in the inputs' dtypes; empty tensors for those not computed (custom
         ops cannot return None)."""
         gh = self.gh if self.gh is not None else hidden.new_empty(0)
         if self.need_weight and self.gw is None:  # every chunk was skipped
@@ -302,7 +302,7 @@ def _no_autocast(device):
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-def _grad_placeholders_fake(hidden, weight, bias, need_hidden, need_weight, need_bias):
+def _grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias):
     gh = hidden.new_empty(hidden.shape if need_hidden else (0,))
     gw = weight.new_empty(weight.shape if need_weight else (0,))
     b = weight if bias is None else bias
@@ -347,7 +347,7 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, advantage, clip_l
       compute_dtype, need_hidden, need_weight, need_bias):
     n = hidden.shape[0]
     rows = tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(6))
-    grads = _grad_placeholders_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    grads = _grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
     return (hidden.new_empty((), dtype=torch.float32), *rows, *grads)
 
 
@@ -438,7 +438,7 @@ def linear_psft_backward(
 @linear_psft_backward.register_fake
 def _(grad_loss, hidden, weight, bias, targets, lse, coef, ignore_index, temperature, chunk_size,
       compute_dtype, need_hidden, need_weight, need_bias):
-    return _grad_placeholders_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
+    return _grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _rows_setup_context(ctx, inputs, output):
