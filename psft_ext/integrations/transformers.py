@@ -167,7 +167,7 @@ class PSFTTrainerMixin:
                            ("get_sp_size", "sequence")):
             size_fn = getattr(self, name, None)
             if size_fn is not None and size_fn() > 1:
-                raise NotImplementedError(
+                raise ValueError(
                     f"PSFTTrainer does not support {what} parallelism: the old log-probs are "
                     f"computed per micro-batch before the training step shards it")
         if getattr(self, "label_smoother", None) is not None:

@@ -44,7 +44,7 @@ class PSFTTrainer(PSFTTrainerMixin, SFTTrainer):
             raise ValueError(f"loss_type={loss_type!r} is another loss; PSFTTrainer computes the "
                              f"PSFT loss: leave loss_type at 'nll'")
         if getattr(self, "aux_loss_enabled", False):
-            raise NotImplementedError(
+            raise ValueError(
                 "PSFTTrainer does not add the MoE router auxiliary loss: set "
                 "router_aux_loss_coef=0.0")
         super()._psft_setup()
