@@ -40,10 +40,10 @@ from torch import Tensor
 from ._ops import ops
 from .loss import (
     LOGITS_DTYPES,
-    TARGET_DTYPES,
     _check_finite,
     _check_ignore_index,
     _check_loss_options,
+    _check_targets,
     _mean_denominator,
     _metrics,
     _old_and_advantages,
@@ -528,12 +528,7 @@ def _check_linear_inputs(hidden, weight, bias, targets, fn):
     for name, value in floats:
         if value.dtype not in LOGITS_DTYPES:
             raise TypeError(f"{fn}: {name} must be float32, bfloat16 or float16, got {value.dtype}")
-    if targets.dtype not in TARGET_DTYPES:
-        raise TypeError(f"{fn}: targets must be int64 or int32 token ids, got {targets.dtype}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{fn}: targets must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(targets.shape)}")
+    _check_targets(targets, hidden.shape[:-1], "hidden", fn)
     for name, value in floats[1:] + [("targets", targets)]:
         if value.device != hidden.device:
             raise ValueError(f"{fn}: {name} is on {value.device} but hidden is on {hidden.device}")

@@ -36,17 +36,22 @@ def _check_logits_targets(logits, targets, fn):
         raise TypeError(f"{fn}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{fn}: logits must have a vocabulary dimension, got a 0-d tensor")
-    if targets.dtype not in TARGET_DTYPES:
-        raise TypeError(f"{fn}: targets must be int64 or int32 token ids, got {targets.dtype}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{fn}: targets must have the leading shape of logits {tuple(logits.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
-        )
+    _check_targets(targets, logits.shape[:-1], "logits", fn)
     if targets.device != logits.device:
         raise ValueError(f"{fn}: targets are on {targets.device} but logits are on {logits.device}")
     if logits.shape[-1] == 0 and targets.numel() > 0:
         raise ValueError(f"{fn}: logits have an empty vocabulary dimension")
+
+
+def _check_targets(targets, leading_shape, where, fn):
+    """Targets are int64 / int32 ids with the leading shape of ``where`` (logits or hidden)."""
+    if targets.dtype not in TARGET_DTYPES:
+        raise TypeError(f"{fn}: targets must be int64 or int32 token ids, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"{fn}: targets must have the leading shape of {where} {tuple(leading_shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
 
 
 def _check_finite(name, value, fn, low=None):
