@@ -84,6 +84,23 @@ void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logit
                     " but logits are on ", str_of(logits.device()));
 }
 
+void check_forward_backward_inputs(const at::Tensor& logits, const at::Tensor& grad_loss,
+                                   bool in_place, const char* op) {
+  check_per_token(grad_loss, logits, "grad_loss", op);
+  TORCH_CHECK_VALUE(!in_place || logits.is_contiguous(), op,
+                    ": logits must be contiguous to receive the gradient in place");
+}
+
+void check_scale_rows_inputs(const at::Tensor& grad, const at::Tensor& factor, const char* op) {
+  TORCH_CHECK_VALUE(grad.dim() == 2, op, ": grad must be 2-D (N, V), got shape ",
+                    str_of(grad.sizes()));
+  const at::ScalarType t = grad.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, op,
+                   ": grad must be float32, bfloat16 or float16, got ", str_of(t));
+  TORCH_CHECK_VALUE(grad.is_contiguous(), op, ": grad must be contiguous");
+  check_per_token(factor, grad, "factor", op);
+}
+
 void check_temperature(double temperature, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
                     ": temperature must be a finite positive number, got ", str_of(temperature));

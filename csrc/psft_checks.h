@@ -45,6 +45,16 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits
                            const at::Tensor& targets, const at::Tensor& lse,
                            const at::Tensor& coef, double temperature, const char* op);
 
+// The forward_backward ops' own arguments: grad_loss float32 (N,) on the logits' device and, for
+// the in-place variant, logits the gradient can overwrite element for element (contiguous,
+// not requiring grad is the caller's business).
+void check_forward_backward_inputs(const at::Tensor& logits, const at::Tensor& grad_loss,
+                                   bool in_place, const char* op);
+
+// Checks scale_rows_'s arguments: a contiguous (N, V) gradient of a logits dtype and a float32
+// (N,) factor on its device.
+void check_scale_rows_inputs(const at::Tensor& grad, const at::Tensor& factor, const char* op);
+
 // Logits the kernels can read: the last dimension must be dense (stride 1); rows may be strided.
 at::Tensor rows_with_unit_stride(const at::Tensor& logits);
 

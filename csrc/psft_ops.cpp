@@ -49,6 +49,29 @@ TORCH_LIBRARY(psft_ext, m) {
   m.def(
       "psft_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, Tensor coef, "
       "int ignore_index, float temperature) -> Tensor");
+  // The same gradient written over the (contiguous) logits.
+  m.def(
+      "psft_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor lse, "
+      "Tensor coef, int ignore_index, float temperature) -> ()");
+  // Single pass: psft_forward's eight outputs and, from the same read of each row, the gradient
+  // of sum_t grad_loss[t] * loss[t] (grad_loss is the upstream gradient the caller expects, e.g.
+  // 1 / num_tokens for a mean). The backward then only rescales rows whose actual upstream
+  // gradient differs (scale_rows_), and the logits need not be kept for it.
+  m.def(
+      "psft_forward_backward(Tensor logits, Tensor targets, Tensor? old_logprobs, "
+      "Tensor? advantages, float advantage, float clip_low, float clip_high, float dual_clip, "
+      "int ignore_index, float temperature, Tensor grad_loss) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same with the gradient written over the (contiguous) logits: no N x V buffer besides the
+  // logits (the fused linear loss uses it on each chunk of logits it owns).
+  m.def(
+      "psft_forward_backward_(Tensor(a!) logits, Tensor targets, Tensor? old_logprobs, "
+      "Tensor? advantages, float advantage, float clip_low, float clip_high, float dual_clip, "
+      "int ignore_index, float temperature, Tensor grad_loss) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
+  // grad[r, :] *= factor[r] in place, for the rows whose factor is not exactly 1 (the others are
+  // not touched: the usual loss.backward() costs no pass over the gradient).
+  m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
   // Log-probs of the targets (0 where ignored) and per-token entropy; no autograd.
   m.def(
       "token_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) "

@@ -6,14 +6,18 @@ and bias) but walks the N tokens in chunks of rows: for each chunk it forms the 
 with one matmul (cuBLAS / the CPU BLAS through torch), runs the fused PSFT kernels on them and
 turns the logits' gradient straight into
 ``grad_hidden[chunk] = g @ weight`` and ``grad_weight += g.T @ hidden[chunk]``; the chunk's logits
-and gradient are then dropped. At most one chunk of logits and one chunk of their gradient are
-alive at a time (``psft_backward`` writes a new tensor; an in-place variant of the kernel would
-make that one chunk).
+and gradient are then dropped. The kernels write the gradient over the chunk's logits
+(``psft_forward_backward_``, ``psft_backward_``), so one chunk of logits is alive at a time,
+never a second one for its gradient.
 
-Peak memory above the inputs: grad_hidden, grad_weight and, while a chunk is processed, its logits
-and their gradient. With bfloat16 / float16 weights and more than one chunk, grad_weight is a
-float32 accumulator (2 V H bytes) that is cast to the weight's dtype at the end of the forward
-(V H more for a moment): 3 V H bytes at that point, against V H for grad_weight alone.
+Peak memory above the inputs: grad_hidden, grad_weight and one chunk of logits. With bfloat16 /
+float16 weights and more than one chunk, grad_weight is by default accumulated across chunks in
+float32 (``accumulate_float32=True``): 2 V H bytes of float32 instead of the V H of the result,
+held as two halves of the vocabulary so that the final cast narrows them into the first half's
+own memory (no third buffer at the end). ``accumulate_float32=False`` accumulates in the weight's
+dtype instead (each chunk's product, computed in float32 inside the matmul, is rounded into the
+running sum once): the peak is then the gradients and one chunk, at the price of one rounding per
+chunk.
 
 Reductions and the gradient. The logits' gradient must be formed while the chunk's logits exist,
 i.e. inside the forward. For "mean" and "sum" the upstream gradient of every token's loss is the
@@ -25,8 +29,8 @@ the backward recomputes each chunk's logits (one more matmul pass, still chunked
 
 Nothing is computed for inputs that do not require a gradient, nor under ``torch.no_grad()``.
 Under ``torch.autocast`` the chunk logits and matmuls run in the autocast dtype, as
-``F.linear`` would; the gradients come back in the inputs' dtypes. ``grad_weight`` (and
-``grad_bias``) are accumulated in float32 when the matmuls run in bfloat16 / float16.
+``F.linear`` would; the gradients come back in the inputs' dtypes (a float32 weight's gradient is
+accumulated in float32, its own dtype; ``grad_bias`` is always accumulated in float32).
 
 The chunk loops live in custom ops (``psft_ext::linear_psft_*``, registered with fake kernels and
 autograd), so ``torch.compile`` traces a caller without graph breaks and without unrolling them.
@@ -67,14 +71,13 @@ def auto_chunk_rows(n: int, vocab: int, hidden_size: int, device: torch.device,
     1 / CUDA_FREE_SHARE of the free memory), split into equal chunks, a multiple of 8 rows (128 on
     CUDA: whole tiles for the matmuls); at least 1 and at most ``n``.
 
-    On CUDA, when grad_weight is accumulated in float32 for a bfloat16 / float16 weight
-    (``low_precision_grad_weight``), that accumulator (2 V H bytes) and its cast to the weight's
-    dtype at the end (V H more) set the peak. A chunk of logits and its gradient of up to H / 2
-    rows (2 x 2 x rows x V bytes) then fit under that peak at no cost, and fewer chunks mean fewer
-    passes over the accumulator (measured on an H200, N = 16384, H = 4096, V = 151936: 1.19x the
-    bare matmuls at 1024 rows, 1.11x at 2048). And N <= H tokens take one chunk: a single chunk
-    needs no accumulator (its one matmul accumulates in float32 and rounds once), so it peaks no
-    higher than the materialized path and makes no passes over an accumulator.
+    On CUDA, when grad_weight of a bfloat16 / float16 weight is accumulated across chunks
+    (``low_precision_grad_weight``), every chunk's grad_weight matmul reads and writes the whole
+    V x H accumulator, so chunks of at least H / 2 rows keep those passes a small share of the
+    time (measured on an H200, N = 16384, H = 4096, V = 151936, float32 accumulator: 1.19x the
+    bare matmuls at 1024 rows, 1.11x at 2048). Such a chunk (2 x rows x V bytes) is at most half
+    the size of grad_weight's float32 accumulator. And N <= H tokens take one chunk: a single
+    chunk needs no accumulator (its one matmul accumulates in float32 and rounds once).
     """
     if n <= 0:
         return 1
@@ -147,23 +150,37 @@ class _GradAccumulator:
     """grad_hidden rows, grad_weight and grad_bias of a sequence of chunk gradients ``g``."""
 
     def __init__(self, hidden, weight, bias, compute_dtype, need_hidden, need_weight, need_bias,
-                 n_chunks):
+                 n_chunks, accumulate_float32):
         self.weight_dtype = weight.dtype
         self.bias_dtype = None if bias is None else bias.dtype
-        acc = torch.float32 if compute_dtype in (torch.bfloat16, torch.float16) else compute_dtype
-        if n_chunks <= 1 and weight.dtype == compute_dtype:
-            # One matmul makes all of grad_weight: it accumulates in float32 inside and rounds
-            # once, as the float32 accumulator and its cast would; no V x H float32 buffer.
+        low = compute_dtype in (torch.bfloat16, torch.float16)
+        acc = torch.float32 if low else compute_dtype
+        if weight.dtype == compute_dtype and (n_chunks <= 1 or not accumulate_float32):
+            # One matmul makes all of grad_weight (it accumulates in float32 inside and rounds
+            # once, as the float32 accumulator and its cast would), or the caller chose to
+            # accumulate in the weight's dtype: no V x H float32 buffer.
             acc = compute_dtype
+        # A float32 accumulator of a 2-byte weight's gradient is kept as two halves of the
+        # vocabulary, so the result can be narrowed into the first half's memory.
+        self.halves = acc == torch.float32 and self.weight_dtype != torch.float32
         # Zeros: the rows of skipped (all-ignored) chunks are never written.
         self.gh = torch.zeros_like(hidden) if need_hidden else None
         # grad_weight is allocated by the first chunk, once its logits are freed (allocated
         # earlier it would sit beside the first chunk's logits and gradient), and not zeroed: the
         # first chunk overwrites it (a pass over V x H saved).
-        self.need_weight, self.gw, self.gw_spec = need_weight, None, (weight.shape, acc)
+        self.need_weight, self.gw, self.gw_spec = need_weight, None, (tuple(weight.shape), acc)
         self.gb = (torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
                    if need_bias else None)
         self.device = weight.device
+
+    def _new_weight_grad(self, factory):
+        """grad_weight's accumulator: [one (V, H) tensor], or its [top, bottom] halves."""
+        (vocab, hidden_size), dtype = self.gw_spec
+        if not self.halves:
+            return [factory((vocab, hidden_size), dtype=dtype, device=self.device)]
+        top = -(-vocab // 2)
+        return [factory((top, hidden_size), dtype=dtype, device=self.device),
+                factory((vocab - top, hidden_size), dtype=dtype, device=self.device)]
 
     @property
     def needed(self):
@@ -178,9 +195,11 @@ class _GradAccumulator:
         if self.need_weight:
             first = self.gw is None
             if first:
-                shape, dtype = self.gw_spec
-                self.gw = torch.empty(shape, dtype=dtype, device=self.device)
-            _accumulate_mm(self.gw, g.t(), h, overwrite=first)
+                self.gw = self._new_weight_grad(torch.empty)
+            rows = 0
+            for part in self.gw:
+                _accumulate_mm(part, g.t()[rows:rows + part.shape[0]], h, overwrite=first)
+                rows += part.shape[0]
         if self.gb is not None:
             self.gb += g.sum(0, dtype=self.gb.dtype)
 
@@ -189,11 +208,43 @@ class _GradAccumulator:
         ops cannot return None)."""
         gh = self.gh if self.gh is not None else hidden.new_empty(0)
         if self.need_weight and self.gw is None:  # every chunk was skipped
-            self.gw = torch.zeros(self.gw_spec[0], dtype=self.gw_spec[1], device=self.device)
-        gw = self.gw.to(self.weight_dtype) if self.gw is not None else weight.new_empty(0)
+            self.gw = self._new_weight_grad(torch.zeros)
+        if self.gw is None:
+            gw = weight.new_empty(0)
+        elif self.halves:
+            gw = _narrow_halves(*self.gw, self.weight_dtype)
+        else:
+            gw = self.gw[0].to(self.weight_dtype)
+        self.gw = None
         gb = (self.gb.to(self.bias_dtype) if self.gb is not None
               else (weight if bias is None else bias).new_empty(0))
         return gh, gw, gb
+
+
+def _narrow_halves(top, bottom, dtype):
+    """The 2-byte ``dtype`` (V, H) matrix [top; bottom] of two float32 halves (top has
+    ceil(V / 2) rows), written into top's own memory: its 4 x ceil(V / 2) x H bytes hold the
+    2 x V x H of the result, so the cast needs no third V x H buffer.
+
+    top is narrowed in place front to back in blocks of rows [a, 2a): such a block's 2-byte rows
+    land on bytes [2aH, 4aH), below the float32 rows it reads (bytes [4aH, 8aH)) and over float32
+    rows already read; the first rows go through a small copy. The bottom half then lands on
+    bytes [2 ceil(V/2) H, 2VH), over float32 rows of top that were all read by then.
+    """
+    top_rows, hidden_size = top.shape
+    vocab = top_rows + bottom.shape[0]
+    out = torch.empty(0, dtype=dtype, device=top.device).set_(
+        top.untyped_storage(), 0, (vocab, hidden_size), (hidden_size, 1))
+    first = min(top_rows, 64)
+    head = top[:first].to(dtype)
+    start = first
+    while start < top_rows:
+        end = min(2 * start, top_rows)
+        out[start:end].copy_(top[start:end])
+        start = end
+    out[:first].copy_(head)
+    out[top_rows:].copy_(bottom)
+    return out
 
 
 # Whether this torch's CUDA addmm takes low-precision operands with a float32 ``out`` that is also
@@ -236,7 +287,7 @@ def _accumulate_mm(acc, a, b, overwrite):
 
 def _run_forward(hidden, weight, bias, targets, old, adv, adv_scalar, clip_low, clip_high,
                  dual_clip, ignore_index, temperature, chunk_size, compute_dtype, grad_weights,
-                 need_hidden, need_weight, need_bias):
+                 need_hidden, need_weight, need_bias, accumulate_float32=True):
     """Per-token outputs of psft_forward over all rows (8 float32 (N,) tensors, ignored rows and
     skipped chunks 0) and, when any need_* is set, the gradients of ``sum_t grad_weights[t] *
     loss[t]``, computed chunk by chunk."""
@@ -245,50 +296,46 @@ def _run_forward(hidden, weight, bias, targets, old, adv, adv_scalar, clip_low, 
     rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight)
     bounds = _chunk_bounds(n, rows, targets != ignore_index)
     grads = _GradAccumulator(hidden, weight, bias, compute_dtype, need_hidden, need_weight,
-                             need_bias, len(bounds))
+                             need_bias, len(bounds), accumulate_float32)
     operands = _Operands(hidden, weight, bias, compute_dtype)
     for start, end in bounds:
         h = operands.hidden_rows(start, end)
-        t = targets[start:end]
         logits = _chunk_logits(h, operands.weight, operands.bias)
-        outs = ops.psft_forward(
-            logits, t, None if old is None else old[start:end],
-            None if adv is None else adv[start:end], adv_scalar, clip_low, clip_high, dual_clip,
-            ignore_index, temperature)
+        args = (logits, targets[start:end], None if old is None else old[start:end],
+                None if adv is None else adv[start:end], adv_scalar, clip_low, clip_high,
+                dual_clip, ignore_index, temperature)
+        if grads.needed:
+            # One pass over the chunk: the outputs, and the gradient written over the logits.
+            outs = ops.psft_forward_backward_(*args, grad_weights[start:end])
+            grads.add(logits, h, operands.weight, start, end)
+        else:
+            outs = ops.psft_forward(*args)
         for dst, src in zip(per_token, outs):
             dst[start:end] = src
-        if grads.needed:
-            lse, coef = outs[6], outs[7]
-            g = ops.psft_backward(grad_weights[start:end], logits, t, lse, coef, ignore_index,
-                                  temperature)
-            del logits  # the chunk's logits are dead once their gradient exists
-            grads.add(g, h, operands.weight, start, end)
-            # Dropped now, not when the next chunk rebinds the name: the next chunk's logits and
-            # gradient would otherwise be allocated while this one is still alive.
-            del g
-        else:
-            del logits
+        # Dropped now, not when the next chunk rebinds the name: the next chunk's logits would
+        # otherwise be allocated while this one is still alive.
+        del logits
     return per_token, grads.results(hidden, weight, bias)
 
 
 def _run_backward(grad_loss, hidden, weight, bias, targets, lse, coef, ignore_index, temperature,
-                  chunk_size, compute_dtype, need_hidden, need_weight, need_bias):
+                  chunk_size, compute_dtype, need_hidden, need_weight, need_bias,
+                  accumulate_float32=True):
     """Gradients of ``sum_t grad_loss[t] * loss[t]`` from the forward's lse and coef, recomputing
     the logits of every chunk that has a row with a non-zero ``grad_loss * coef``."""
     n = hidden.shape[0]
     rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight)
     bounds = _chunk_bounds(n, rows, (grad_loss * coef) != 0)
     grads = _GradAccumulator(hidden, weight, bias, compute_dtype, need_hidden, need_weight,
-                             need_bias, len(bounds))
+                             need_bias, len(bounds), accumulate_float32)
     operands = _Operands(hidden, weight, bias, compute_dtype)
     for start, end in bounds:
         h = operands.hidden_rows(start, end)
         logits = _chunk_logits(h, operands.weight, operands.bias)
-        g = ops.psft_backward(grad_loss[start:end], logits, targets[start:end], lse[start:end],
-                              coef[start:end], ignore_index, temperature)
-        del logits
-        grads.add(g, h, operands.weight, start, end)
-        del g  # before the next chunk's logits exist (see _run_forward)
+        ops.psft_backward_(grad_loss[start:end], logits, targets[start:end], lse[start:end],
+                           coef[start:end], ignore_index, temperature)  # over the logits
+        grads.add(logits, h, operands.weight, start, end)
+        del logits  # before the next chunk's logits exist (see _run_forward)
     return grads.results(hidden, weight, bias)
 
 
@@ -317,6 +364,7 @@ def linear_psft_forward(
     clip_low: float, clip_high: float, dual_clip: float, ignore_index: int, temperature: float,
     denominator: Optional[Tensor], denominator_value: float, chunk_size: int,
     compute_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool,
+    accumulate_float32: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reduced PSFT loss ``sum_t loss_t / denominator`` over chunks of ``hidden @ weight.T + bias``.
 
@@ -335,7 +383,7 @@ def linear_psft_forward(
         per_token, grads = _run_forward(
             hidden, weight, bias, targets, old_logprobs, advantages, advantage, clip_low,
             clip_high, dual_clip, ignore_index, temperature, chunk_size, compute_dtype, weights,
-            need_hidden, need_weight, need_bias)
+            need_hidden, need_weight, need_bias, accumulate_float32)
         loss_rows = per_token[0]
         loss = loss_rows.sum() / den
         return (loss, *per_token[:6], *grads)
@@ -344,7 +392,7 @@ def linear_psft_forward(
 @linear_psft_forward.register_fake
 def _(hidden, weight, bias, targets, old_logprobs, advantages, advantage, clip_low, clip_high,
       dual_clip, ignore_index, temperature, denominator, denominator_value, chunk_size,
-      compute_dtype, need_hidden, need_weight, need_bias):
+      compute_dtype, need_hidden, need_weight, need_bias, accumulate_float32=True):
     n = hidden.shape[0]
     rows = tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(6))
     grads = _grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
@@ -382,7 +430,7 @@ def _forward_backward(ctx, grad_loss, *unused):
     # through the same graph (retain_graph=True) fails autograd's saved-tensor version check
     # rather than return twice-scaled gradients.
     if grad_loss is None:  # set_materialize_grads(False): the loss did not reach the output
-        return (None,) * 19
+        return (None,) * 20
     gh, gw, gb = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs
     linear_scale_(gh, gw, gb, grad_loss.float())
@@ -390,7 +438,7 @@ def _forward_backward(ctx, grad_loss, *unused):
         gh if need_hidden else None,
         gw if need_weight else None,
         gb if need_bias else None,
-    ) + (None,) * 16
+    ) + (None,) * 17
 
 
 linear_psft_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -401,7 +449,7 @@ def linear_psft_rows(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     old_logprobs: Optional[Tensor], advantages: Optional[Tensor], advantage: float,
     clip_low: float, clip_high: float, dual_clip: float, ignore_index: int, temperature: float,
-    chunk_size: int, compute_dtype: torch.dtype,
+    chunk_size: int, compute_dtype: torch.dtype, accumulate_float32: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-token PSFT outputs over chunks of ``hidden @ weight.T + bias`` (reduction "none"):
     (loss, logp, entropy, ratio, log_ratio, clipped, lse, coef), as ``psft_forward`` returns
@@ -416,7 +464,7 @@ def linear_psft_rows(
 
 @linear_psft_rows.register_fake
 def _(hidden, weight, bias, targets, old_logprobs, advantages, advantage, clip_low, clip_high,
-      dual_clip, ignore_index, temperature, chunk_size, compute_dtype):
+      dual_clip, ignore_index, temperature, chunk_size, compute_dtype, accumulate_float32=True):
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=torch.float32) for _ in range(8))
 
@@ -426,18 +474,19 @@ def linear_psft_backward(
     grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
     lse: Tensor, coef: Tensor, ignore_index: int, temperature: float, chunk_size: int,
     compute_dtype: torch.dtype, need_hidden: bool, need_weight: bool, need_bias: bool,
+    accumulate_float32: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (hidden, weight, bias; empty where not needed) of ``sum_t grad_loss[t] *
     loss[t]`` given the forward's per-token lse and coef."""
     with _no_autocast(hidden.device):
         return _run_backward(grad_loss.float().contiguous(), hidden, weight, bias, targets, lse,
                              coef, ignore_index, temperature, chunk_size, compute_dtype,
-                             need_hidden, need_weight, need_bias)
+                             need_hidden, need_weight, need_bias, accumulate_float32)
 
 
 @linear_psft_backward.register_fake
 def _(grad_loss, hidden, weight, bias, targets, lse, coef, ignore_index, temperature, chunk_size,
-      compute_dtype, need_hidden, need_weight, need_bias):
+      compute_dtype, need_hidden, need_weight, need_bias, accumulate_float32=True):
     return _grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
@@ -450,21 +499,23 @@ def _rows_setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, targets, lse, coef)
     ctx.ignore_index, ctx.temperature = inputs[10], inputs[11]
     ctx.chunk_size, ctx.compute_dtype = inputs[12], inputs[13]
+    ctx.accumulate_float32 = inputs[14] if len(inputs) > 14 else True
 
 
 def _rows_backward(ctx, grad_loss, *unused):
     if grad_loss is None:  # set_materialize_grads(False): the losses did not reach the output
-        return (None,) * 14
+        return (None,) * 15
     hidden, weight, bias, targets, lse, coef = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     gh, gw, gb = linear_psft_backward(
         grad_loss, hidden, weight, bias, targets, lse, coef, ctx.ignore_index, ctx.temperature,
-        ctx.chunk_size, ctx.compute_dtype, need_hidden, need_weight, need_bias and ctx.has_bias)
+        ctx.chunk_size, ctx.compute_dtype, need_hidden, need_weight, need_bias and ctx.has_bias,
+        ctx.accumulate_float32)
     return (
         gh if need_hidden else None,
         gw if need_weight else None,
         gb if need_bias and ctx.has_bias else None,
-    ) + (None,) * 11
+    ) + (None,) * 12
 
 
 linear_psft_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
@@ -571,6 +622,7 @@ def linear_psft_loss(
     reduction: str = "mean",
     num_items: Optional[Union[int, float, Tensor]] = None,
     return_metrics: bool = False,
+    accumulate_float32: bool = True,
 ):
     """PSFT loss of the LM head's logits ``hidden @ weight.T + bias`` without materializing them.
 
@@ -586,8 +638,12 @@ def linear_psft_loss(
         bias: optional (V,) bias of the LM head.
         chunk_size: rows of logits formed at a time; None chooses from the shapes and the free
             memory (:func:`auto_chunk_rows`). Peak memory beyond the inputs and their gradients:
-            one chunk of logits and one of their gradient, and for bfloat16 / float16 weights
-            split into several chunks a float32 grad_weight accumulator (see the module's doc).
+            one chunk of logits (the kernels write its gradient over it), plus, for a bfloat16 /
+            float16 weight split into several chunks, grad_weight's float32 accumulator.
+        accumulate_float32: for a bfloat16 / float16 weight and several chunks, accumulate
+            grad_weight across chunks in float32 (default: one rounding at the end, 2 V H
+            bytes more memory) or, with False, in the weight's dtype (one rounding per chunk,
+            no extra memory). No effect on float32 weights or a single chunk.
 
     With reduction "mean" or "sum" and an input that requires a gradient (in grad mode), the
     gradients are computed during this call (the only time a chunk's logits exist) and the
@@ -614,7 +670,7 @@ def linear_psft_loss(
     if reduction == "none":
         loss, logp, entropy, ratio, log_ratio, clipped, _, _ = linear_psft_rows(
             flat_hidden, weight, bias, flat_targets, old, adv_tensor, *hyper, chunk,
-            compute_dtype)
+            compute_dtype, bool(accumulate_float32))
         out = loss.view(targets.shape)
     else:
         grad_on = torch.is_grad_enabled()
@@ -629,7 +685,7 @@ def linear_psft_loss(
                 den_value = den
         out, _, logp, entropy, ratio, log_ratio, clipped, _, _, _ = linear_psft_forward(
             flat_hidden, weight, bias, flat_targets, old, adv_tensor, *hyper, den_tensor,
-            den_value, chunk, compute_dtype, *needs)
+            den_value, chunk, compute_dtype, *needs, bool(accumulate_float32))
     if not return_metrics:
         return out
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)

@@ -206,18 +206,31 @@ def psft_loss(
     flat_targets = targets.reshape(-1)
     old, adv_tensor, adv_scalar = _old_and_advantages(old_logprobs, advantages, targets, fn)
 
-    loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(
-        flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low), float(clip_high),
-        0.0 if dual_clip is None else float(dual_clip), ignore_index, float(temperature))
+    args = (flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low),
+            float(clip_high), 0.0 if dual_clip is None else float(dual_clip), ignore_index,
+            float(temperature))
+    num_tokens = (flat_targets != ignore_index).sum()
+    den = None
+    if reduction == "mean":
+        den = _mean_denominator(num_items, num_tokens, flat_logits.device, fn)
+    if reduction != "none" and torch.is_grad_enabled() and logits.requires_grad:
+        # One pass: the gradient is formed with the forward, for the upstream gradient that
+        # loss.backward() gives each token (1 / den, bitwise what autograd computes through the
+        # division below, or 1); the backward only rescales rows if it turns out different.
+        n = flat_targets.shape[0]
+        one = torch.ones((), dtype=torch.float32, device=flat_logits.device)
+        expected = (one if den is None else one / den).expand(n)
+        outs = ops.psft_forward_backward(*args, expected)
+    else:
+        outs = ops.psft_forward(*args)
+    loss, logp, entropy, ratio, log_ratio, clipped = outs[:6]
 
-    valid = flat_targets != ignore_index
-    num_tokens = valid.sum()
     if reduction == "none":
         out = loss.view(targets.shape)
     elif reduction == "sum":
         out = loss.sum()
     else:
-        out = loss.sum() / _mean_denominator(num_items, num_tokens, loss.device, fn)
+        out = loss.sum() / den
     if not return_metrics:
         return out
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)

@@ -662,3 +662,51 @@ def test_argument_errors():
         psft_ext.linear_token_logprobs(h, w, t, chunk_size=0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         psft_ext.linear_token_logprobs(h, w, t, ignore_index=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# grad_weight's accumulation across chunks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
+def test_accumulate_in_the_weight_dtype(device, dtype, reduction):
+    """accumulate_float32=False (one rounding per chunk): still within the tolerances of the
+    unfused path and the float64 reference, and close to the float32 accumulation."""
+    case = make_linear_case((4, 6), 37, 16, dtype, device, bias=True, advantages="token",
+                            seed=31)
+    weights = None if reduction == "mean" else torch.rand(4, 6, generator=generator(2)).to(device)
+    got = run_fused(case, chunk_size=5, reduction=reduction, weights=weights,
+                    accumulate_float32=False)
+    check_close(got, run_unfused(case, reduction=reduction, weights=weights), case, "unfused")
+    check_close(got, run_reference(case, reduction=reduction, weights=weights), case,
+                "float64 reference")
+    f32 = run_fused(case, chunk_size=5, reduction=reduction, weights=weights)
+    assert_close_scaled(got["grads"][1].float().cpu(), f32["grads"][1].float().cpu(), rtol=1e-2,
+                        atol_scale=1e-2, floor=1e-7, msg="grad weight vs float32 accumulation")
+
+
+def test_accumulation_option_is_moot_for_float32(device):
+    case = make_linear_case((3, 5), 29, 8, torch.float32, device, seed=32)
+    a = run_fused(case, chunk_size=4, accumulate_float32=False)
+    b = run_fused(case, chunk_size=4)
+    for x, y in zip(a["grads"], b["grads"]):
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 3, 64, 129, 1001])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
+def test_narrow_halves(device, dtype, vocab):
+    """The float32 halves narrowed into the first half's memory equal a plain cast, bitwise,
+    and the result lives in that memory."""
+    hidden_size = 7
+    full = torch.randn(vocab, hidden_size, generator=generator(vocab)).to(device)
+    top_rows = -(-vocab // 2)
+    top, bottom = full[:top_rows].clone(), full[top_rows:].clone()
+    storage = top.untyped_storage().data_ptr()
+    out = linear._narrow_halves(top, bottom, dtype)
+    assert out.dtype == dtype and out.shape == (vocab, hidden_size) and out.is_contiguous()
+    assert out.untyped_storage().data_ptr() == storage
+    torch.testing.assert_close(out, full.to(dtype), rtol=0, atol=0)

@@ -1,4 +1,5 @@
-// CPU kernels of the psft_ext ops: forward (loss + metrics), backward, token log-probs.
+// CPU kernels of the psft_ext ops: forward (loss + metrics), backward, single-pass
+// forward + backward, token log-probs.
 //
 // One row (token) at a time per thread, rows spread over threads with at::parallel_for. A row is
 // read in blocks of kBlock elements converted to float32 (L1-resident), so bf16/fp16 logits are
@@ -180,86 +181,206 @@ int64_t row_stride_of(const at::Tensor& logits) {
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                  at::Tensor, at::Tensor, at::Tensor>;
 
+// The forward's eight per-token float32 outputs, in the ops' order.
+struct ForwardOutputs {
+  enum { kLoss, kLogp, kEntropy, kRatio, kLogRatio, kClipped, kLse, kCoef, kCount };
+  at::Tensor tensors[kCount];
+  float* ptr[kCount];
+
+  ForwardOutputs(int64_t n, const at::TensorOptions& opts) {
+    for (int i = 0; i < kCount; ++i) {
+      tensors[i] = at::empty({n}, opts.dtype(at::kFloat));
+      ptr[i] = tensors[i].data_ptr<float>();
+    }
+  }
+  void write_zeros(int64_t r) {
+    for (float* o : ptr) o[r] = 0.0f;
+  }
+  ForwardResult result() const {
+    return {tensors[0], tensors[1], tensors[2], tensors[3],
+            tensors[4], tensors[5], tensors[6], tensors[7]};
+  }
+};
+
+// The forward's inputs, checked and laid out for the row loop.
+struct ForwardInputs {
+  at::Tensor logits, targets, old, adv;
+  LossParams params;
+  int64_t n, vocab, stride;
+
+  ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
+                double advantage, double clip_low, double clip_high, double dual_clip,
+                int64_t ignore_index, double temperature, const char* op) {
+    check_logits_and_targets(logits_in, targets_in, ignore_index, op);
+    check_per_token(old_in, logits_in, "old_logprobs", op);
+    check_per_token(adv_in, logits_in, "advantages", op);
+    params = make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+    logits = rows_with_unit_stride(logits_in);
+    targets = targets_in.contiguous();
+    old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
+    adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
+    n = logits.size(0);
+    vocab = logits.size(1);
+    stride = row_stride_of(logits);
+  }
+};
+
+// Loss and metrics of one non-ignored row (target y): writes row r of the eight outputs.
+template <typename T>
+void forward_row(const T* row, int64_t vocab, int64_t y, int64_t r, const LossParams& params,
+                 const float* old_p, const float* adv_p, float* const* outs) {
+  const SoftmaxStats st = row_softmax_stats(row, vocab, params.inv_temperature);
+  const float lse_r = softmax_lse(st);
+  const float logp_r = to_float(row[y]) * params.inv_temperature - lse_r;
+  const TokenLoss t =
+      token_loss(logp_r, old_p ? old_p[r] : logp_r, adv_p ? adv_p[r] : params.advantage, params);
+  outs[ForwardOutputs::kLoss][r] = t.loss;
+  outs[ForwardOutputs::kLogp][r] = logp_r;
+  outs[ForwardOutputs::kEntropy][r] = softmax_entropy(st);
+  outs[ForwardOutputs::kRatio][r] = t.ratio;
+  outs[ForwardOutputs::kLogRatio][r] = t.log_ratio;
+  outs[ForwardOutputs::kClipped][r] = t.clipped;
+  outs[ForwardOutputs::kLse][r] = lse_r;
+  outs[ForwardOutputs::kCoef][r] = t.coef;
+}
+
+const float* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
 ForwardResult psft_forward_cpu(const at::Tensor& logits_in, const at::Tensor& targets_in,
                                const std::optional<at::Tensor>& old_in,
                                const std::optional<at::Tensor>& adv_in, double advantage,
                                double clip_low, double clip_high, double dual_clip,
                                int64_t ignore_index, double temperature) {
-  const char* op = "psft_forward";
-  check_logits_and_targets(logits_in, targets_in, ignore_index, op);
-  check_per_token(old_in, logits_in, "old_logprobs", op);
-  check_per_token(adv_in, logits_in, "advantages", op);
-  const LossParams params =
-      make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+  const ForwardInputs in(logits_in, targets_in, old_in, adv_in, advantage, clip_low, clip_high,
+                         dual_clip, ignore_index, temperature, "psft_forward");
+  ForwardOutputs out(in.n, in.logits.options());
+  const float* old_p = optional_data(in.old);
+  const float* adv_p = optional_data(in.adv);
+  const Targets tg = targets_of(in.targets);
 
-  const at::Tensor logits = rows_with_unit_stride(logits_in);
-  const at::Tensor targets = targets_in.contiguous();
-  const at::Tensor old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
-  const at::Tensor adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
-  const int64_t n = logits.size(0), vocab = logits.size(1), stride = row_stride_of(logits);
-  const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, opts), logp = at::empty({n}, opts),
-             entropy = at::empty({n}, opts), ratio = at::empty({n}, opts),
-             log_ratio = at::empty({n}, opts), clipped = at::empty({n}, opts),
-             lse = at::empty({n}, opts), coef = at::empty({n}, opts);
-  float* outs[8] = {loss.data_ptr<float>(),      logp.data_ptr<float>(),
-                    entropy.data_ptr<float>(),   ratio.data_ptr<float>(),
-                    log_ratio.data_ptr<float>(), clipped.data_ptr<float>(),
-                    lse.data_ptr<float>(),       coef.data_ptr<float>()};
-  const float* old_p = old.defined() ? old.data_ptr<float>() : nullptr;
-  const float* adv_p = adv.defined() ? adv.data_ptr<float>() : nullptr;
-  const Targets tg = targets_of(targets);
-
-  PSFT_DISPATCH_LOGITS(logits.scalar_type(), "psft_forward",
-                                  [&] {
-    const scalar_t* base = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
+  PSFT_DISPATCH_LOGITS(in.logits.scalar_type(), "psft_forward", [&] {
+    const scalar_t* base = in.logits.data_ptr<scalar_t>();
+    at::parallel_for(0, in.n, row_grain(in.vocab), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t y = tg[r];
         if (y == ignore_index) {
-          for (float* o : outs) o[r] = 0.0f;
+          out.write_zeros(r);
           continue;
         }
-        const scalar_t* row = base + r * stride;
-        const SoftmaxStats st = row_softmax_stats(row, vocab, params.inv_temperature);
-        const float lse_r = softmax_lse(st);
-        const float logp_r = to_float(row[y]) * params.inv_temperature - lse_r;
-        const TokenLoss t = token_loss(logp_r, old_p ? old_p[r] : logp_r,
-                                       adv_p ? adv_p[r] : params.advantage, params);
-        outs[0][r] = t.loss;
-        outs[1][r] = logp_r;
-        outs[2][r] = softmax_entropy(st);
-        outs[3][r] = t.ratio;
-        outs[4][r] = t.log_ratio;
-        outs[5][r] = t.clipped;
-        outs[6][r] = lse_r;
-        outs[7][r] = t.coef;
+        forward_row(base + r * in.stride, in.vocab, y, r, in.params, old_p, adv_p, out.ptr);
       }
     });
   });
-  return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef};
+  return out.result();
 }
 
-at::Tensor psft_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
-                             const at::Tensor& targets_in, const at::Tensor& lse_in,
-                             const at::Tensor& coef_in, int64_t ignore_index,
-                             double temperature) {
-  const char* op = "psft_backward";
-  check_backward_inputs(grad_loss_in, logits_in, targets_in, lse_in, coef_in, temperature, op);
+// psft_forward_backward(_): per row, the forward and then, while the row is still in cache, its
+// gradient (over the row itself when in_place). Returns the outputs and the gradient.
+std::tuple<ForwardResult, at::Tensor> forward_backward(
+    const at::Tensor& logits_in, const at::Tensor& targets_in,
+    const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
+    double advantage, double clip_low, double clip_high, double dual_clip, int64_t ignore_index,
+    double temperature, const at::Tensor& grad_loss_in, bool in_place, const char* op) {
+  const ForwardInputs in(logits_in, targets_in, old_in, adv_in, advantage, clip_low, clip_high,
+                         dual_clip, ignore_index, temperature, op);
+  check_forward_backward_inputs(logits_in, grad_loss_in, in_place, op);
+  ForwardOutputs out(in.n, in.logits.options());
+  at::Tensor grad = in_place ? logits_in
+                             : at::empty({in.n, in.vocab}, in.logits.options().memory_format(
+                                                               at::MemoryFormat::Contiguous));
+  if (!in_place) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  const float* g_p = grad_loss.data_ptr<float>();
+  const float* old_p = optional_data(in.old);
+  const float* adv_p = optional_data(in.adv);
+  const Targets tg = targets_of(in.targets);
+  const float inv_t = in.params.inv_temperature;
+
+  PSFT_DISPATCH_LOGITS(in.logits.scalar_type(), "psft_forward_backward", [&] {
+    const scalar_t* base = in.logits.data_ptr<scalar_t>();
+    scalar_t* grad_base = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, in.n, row_grain(in.vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = tg[r];
+        scalar_t* grad_row = grad_base + r * in.vocab;
+        if (y == ignore_index) {
+          out.write_zeros(r);
+          std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * in.vocab);
+          continue;
+        }
+        const scalar_t* row = base + r * in.stride;
+        forward_row(row, in.vocab, y, r, in.params, old_p, adv_p, out.ptr);
+        const float scale = g_p[r] * out.ptr[ForwardOutputs::kCoef][r] * inv_t;
+        if (scale == 0.0f) {  // clipped, or no upstream gradient
+          std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * in.vocab);
+          continue;
+        }
+        // In place, row == grad_row: row_grad reads each block before it writes it.
+        row_grad(row, in.vocab, inv_t, out.ptr[ForwardOutputs::kLse][r], scale, y, grad_row);
+      }
+    });
+  });
+  return {out.result(), grad};
+}
+
+using ForwardBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor>;
+
+ForwardBackwardResult psft_forward_backward_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
+    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
+  auto [outs, grad] = forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
+                                       dual_clip, ignore_index, temperature, grad_loss, false,
+                                       "psft_forward_backward");
+  return std::tuple_cat(outs, std::make_tuple(grad));
+}
+
+ForwardResult psft_forward_backward_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
+    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
+  return std::get<0>(forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
+                                      dual_clip, ignore_index, temperature, grad_loss, true,
+                                      "psft_forward_backward_"));
+}
+
+void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor_in) {
+  check_scale_rows_inputs(grad, factor_in, "scale_rows_");
+  const at::Tensor factor = factor_in.contiguous();
+  const float* f = factor.data_ptr<float>();
+  const int64_t n = grad.size(0), vocab = grad.size(1);
+  PSFT_DISPATCH_LOGITS(grad.scalar_type(), "scale_rows_", [&] {
+    scalar_t* base = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (f[r] == 1.0f) continue;
+        scalar_t* row = base + r * vocab;
+        for (int64_t j = 0; j < vocab; ++j) row[j] = from_float<scalar_t>(to_float(row[j]) * f[r]);
+      }
+    });
+  });
+}
+
+// The backward into `grad` (a fresh buffer, or the logits themselves).
+void backward_into(at::Tensor& grad, const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
+                   const at::Tensor& targets_in, const at::Tensor& lse_in,
+                   const at::Tensor& coef_in, int64_t ignore_index, double temperature) {
   const at::Tensor logits = rows_with_unit_stride(logits_in);
   const at::Tensor targets = targets_in.contiguous(), g = grad_loss_in.contiguous(),
                    lse = lse_in.contiguous(), coef = coef_in.contiguous();
   const int64_t n = logits.size(0), vocab = logits.size(1), stride = row_stride_of(logits);
-  at::Tensor grad = at::empty({n, vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const float inv_t = static_cast<float>(1.0 / temperature);
   const float* g_p = g.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
   const float* coef_p = coef.data_ptr<float>();
   const Targets tg = targets_of(targets);
 
-  PSFT_DISPATCH_LOGITS(logits.scalar_type(), "psft_backward",
-                                  [&] {
+  PSFT_DISPATCH_LOGITS(logits.scalar_type(), "psft_backward", [&] {
     const scalar_t* base = logits.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
@@ -272,11 +393,32 @@ at::Tensor psft_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& l
           std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * vocab);
           continue;
         }
+        // In place (grad_row == the row): row_grad reads each block before it writes it.
         row_grad(base + r * stride, vocab, inv_t, lse_p[r], scale, y, grad_row);
       }
     });
   });
+}
+
+at::Tensor psft_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                             const at::Tensor& targets, const at::Tensor& lse,
+                             const at::Tensor& coef, int64_t ignore_index, double temperature) {
+  check_backward_inputs(grad_loss, logits, targets, lse, coef, temperature, "psft_backward");
+  at::Tensor grad = at::empty(logits.sizes(),
+                              logits.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  backward_into(grad, grad_loss, logits, targets, lse, coef, ignore_index, temperature);
   return grad;
+}
+
+void psft_backward_inplace_cpu(const at::Tensor& grad_loss, at::Tensor& logits,
+                               const at::Tensor& targets, const at::Tensor& lse,
+                               const at::Tensor& coef, int64_t ignore_index, double temperature) {
+  const char* op = "psft_backward_";
+  check_backward_inputs(grad_loss, logits, targets, lse, coef, temperature, op);
+  TORCH_CHECK_VALUE(logits.is_contiguous(), op,
+                    ": logits must be contiguous to receive the gradient in place");
+  backward_into(logits, grad_loss, logits, targets, lse, coef, ignore_index, temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_in,
@@ -323,5 +465,9 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_i
 TORCH_LIBRARY_IMPL(psft_ext, CPU, m) {
   m.impl("psft_forward", &psft::cpu::psft_forward_cpu);
   m.impl("psft_backward", &psft::cpu::psft_backward_cpu);
+  m.impl("psft_backward_", &psft::cpu::psft_backward_inplace_cpu);
+  m.impl("psft_forward_backward", &psft::cpu::psft_forward_backward_cpu);
+  m.impl("psft_forward_backward_", &psft::cpu::psft_forward_backward_inplace_cpu);
+  m.impl("scale_rows_", &psft::cpu::scale_rows_cpu);
   m.impl("token_logprobs", &psft::cpu::token_logprobs_cpu);
 }

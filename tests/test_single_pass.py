@@ -1,0 +1,234 @@
+"""The single pass (psft_forward_backward, its in-place variant, psft_backward_, scale_rows_) and
+psft_loss's use of it: the gradient formed with the forward, rescaled in the backward only where
+the upstream gradient differs from the one expected."""
+
+import pytest
+import torch
+
+import psft_ext
+from psft_ext import reference
+
+from conftest import DTYPES, LOW_PRECISION, dtype_id, generator, make_case
+
+ops = torch.ops.psft_ext
+
+
+def _args(case, logits=None):
+    x = case.logits.detach().reshape(-1, case.logits.shape[-1]) if logits is None else logits
+    dual = case.kwargs["dual_clip"]
+    return (x, case.targets.reshape(-1), case.old_logprobs.reshape(-1),
+            case.advantages.reshape(-1).float(), 1.0, case.kwargs["clip_low"],
+            case.kwargs["clip_high"], 0.0 if dual is None else dual, case.ignore_index,
+            case.kwargs["temperature"])
+
+
+def _expected_grad_loss(n, device, seed=5):
+    # Distinct per-row values, none of them 0.
+    return (0.25 + torch.rand(n, generator=generator(seed))).to(device)
+
+
+def _close(device, dtype):
+    """Bitwise on CPU (the same row functions); on CUDA the single-pass kernel may reduce in a
+    different order than the two-kernel pair."""
+    if device == "cpu":
+        return dict(rtol=0, atol=0)
+    return dict(rtol=2e-2, atol=1e-5) if dtype in LOW_PRECISION else dict(rtol=1e-5, atol=1e-6)
+
+
+# (rows, V): V below and above the CPU's 2048-element block and the vector widths, N = 1.
+SHAPES = [((4, 6), 37), ((1,), 13), ((3, 2), 5001)]
+
+
+@pytest.mark.parametrize("shape,vocab", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_matches_the_two_pass_pair(device, dtype, shape, vocab):
+    case = make_case(shape, vocab, dtype, device, ignore_frac=0.3, temperature=0.8,
+                     dual_clip=3.0, seed=200)
+    args = _args(case)
+    g = _expected_grad_loss(args[1].numel(), device)
+    *outs, grad = ops.psft_forward_backward(*args, g)
+    ref = ops.psft_forward(*args)
+    for got, exp in zip(outs, ref):
+        torch.testing.assert_close(got, exp, **_close(device, torch.float32))
+    exp_grad = ops.psft_backward(g, args[0], args[1], ref[6], ref[7], case.ignore_index,
+                                 case.kwargs["temperature"])
+    assert grad.dtype == dtype and grad.shape == args[0].shape and grad.is_contiguous()
+    torch.testing.assert_close(grad, exp_grad, **_close(device, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_in_place_variants(device, dtype):
+    """psft_forward_backward_ and psft_backward_ leave in the logits what the out-of-place ops
+    return."""
+    case = make_case((5, 3), 301, dtype, device, ignore_frac=0.3, seed=201)
+    args = _args(case)
+    g = _expected_grad_loss(args[1].numel(), device)
+    *outs, grad = ops.psft_forward_backward(*args, g)
+
+    logits = args[0].clone()
+    outs_in_place = ops.psft_forward_backward_(logits, *args[1:], g)
+    for got, exp in zip(outs_in_place, outs):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    torch.testing.assert_close(logits, grad, rtol=0, atol=0)
+
+    lse, coef = outs[6], outs[7]
+    exp_grad = ops.psft_backward(g, args[0], args[1], lse, coef, case.ignore_index, 1.0)
+    logits = args[0].clone()
+    assert ops.psft_backward_(g, logits, args[1], lse, coef, case.ignore_index, 1.0) is None
+    torch.testing.assert_close(logits, exp_grad, rtol=0, atol=0)
+
+
+def test_strided_rows(device):
+    """Rows of a wider buffer (row stride > V): same results as a contiguous copy."""
+    case = make_case((6,), 41, torch.float32, device, ignore_frac=0.2, seed=202)
+    wide = torch.randn(6, 50, generator=generator(3)).to(device)
+    wide[:, 4:45] = case.logits.detach()
+    args = _args(case, logits=wide[:, 4:45])
+    g = _expected_grad_loss(6, device)
+    *outs, grad = ops.psft_forward_backward(*args, g)
+    *exp_outs, exp_grad = ops.psft_forward_backward(*_args(case), g)
+    for got, exp in zip(outs + [grad], exp_outs + [exp_grad]):
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_scale_rows(device, dtype):
+    grad = torch.randn(5, 19, generator=generator(4)).to(dtype).to(device)
+    before = grad.clone()
+    factor = torch.tensor([1.0, 0.5, 1.0, -3.0, 0.0], device=device)
+    assert ops.scale_rows_(grad, factor) is None
+    expected = (before.float() * factor[:, None]).to(dtype)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    # Rows with factor 1 are not rewritten at all (not even a NaN is touched).
+    grad[0, 3] = float("nan")
+    ops.scale_rows_(grad, torch.ones(5, device=device))
+    assert torch.isnan(grad[0, 3])
+
+
+def test_empty_and_all_ignored(device):
+    for n, ignore_frac in ((0, 0.0), (4, 1.0)):
+        logits = torch.randn(n, 7, device=device)
+        targets = torch.full((n,), -100, dtype=torch.long, device=device)
+        outs = ops.psft_forward_backward(logits, targets, None, None, 1.0, 0.2, 0.28, 0.0, -100,
+                                         1.0, torch.ones(n, device=device))
+        assert outs[8].shape == (n, 7)
+        assert all(int(torch.count_nonzero(o)) == 0 for o in outs)
+
+
+def test_opcheck(device):
+    case = make_case((3, 4), 13, torch.bfloat16, device, ignore_frac=0.3, seed=203)
+    args = _args(case)
+    g = _expected_grad_loss(12, device)
+    torch.library.opcheck(ops.psft_forward_backward, args + (g,))
+    torch.library.opcheck(ops.psft_forward_backward_, (args[0].clone(),) + args[1:] + (g,))
+    out = ops.psft_forward(*args)
+    torch.library.opcheck(ops.psft_backward_, (g, args[0].clone(), args[1], out[6], out[7],
+                                               -100, 1.0))
+    torch.library.opcheck(ops.scale_rows_, (args[0].clone(), g))
+
+
+def test_argument_errors(device):
+    logits = torch.randn(4, 9, device=device)
+    targets = torch.tensor([1, 2, -100, 8], device=device)
+    rest = (None, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
+    with pytest.raises(ValueError, match="grad_loss must have shape"):
+        ops.psft_forward_backward(logits, targets, *rest, torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="grad_loss must be float32"):
+        ops.psft_forward_backward(logits, targets, *rest,
+                                  torch.ones(4, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="contiguous to receive the gradient in place"):
+        ops.psft_forward_backward_(logits.t().contiguous().t(), targets, *rest,
+                                   torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="target id 9 is out of range|out of range"):
+        ops.psft_forward_backward(logits, torch.tensor([1, 9, 0, 0], device=device), *rest,
+                                  torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="factor must have shape"):
+        ops.scale_rows_(logits, torch.ones(5, device=device))
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        ops.scale_rows_(logits.t(), torch.ones(9, device=device))
+
+
+# ----------------------------------------------------------------------------------------------
+# psft_loss through the single pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_grad(case, upstream, reduction="mean", num_items=None):
+    x = case.reference_logits()
+    loss = reference.psft_loss(x, case.targets, case.old_logprobs, advantages=case.advantages,
+                               reduction=reduction, num_items=num_items, **case.kwargs)
+    loss.backward(torch.as_tensor(upstream, dtype=torch.float64, device=x.device))
+    return x.grad
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.37, -2.0, 0.0])
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("mean", 7.0),
+                                                 ("mean", "tensor")])
+def test_upstream_gradient_other_than_one(device, upstream, reduction, num_items):
+    case = make_case((3, 5), 29, torch.float32, device, ignore_frac=0.3, seed=204)
+    if num_items == "tensor":
+        num_items = torch.tensor(6.0, device=device)
+    x = case.fused_logits()
+    loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, advantages=case.advantages,
+                              reduction=reduction, num_items=num_items, **case.kwargs)
+    (loss * upstream).backward()
+    expected = _reference_grad(case, upstream, reduction, num_items)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_used_twice(device):
+    case = make_case((2, 6), 23, torch.float32, device, seed=205)
+    x = case.fused_logits()
+    loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, advantages=case.advantages,
+                              **case.kwargs)
+    (loss + 0.5 * loss).backward()
+    torch.testing.assert_close(x.grad.double(), _reference_grad(case, 1.5), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_the_logits_are_not_kept_for_the_backward(device):
+    """The single pass saves its gradient, not the logits (the logits' memory can go once the
+    caller drops them); reduction "none" (two passes) does save them."""
+    case = make_case((3, 4), 17, torch.float32, device, seed=206)
+
+    def saved_pointers(reduction):
+        x = case.fused_logits()
+        pointers = []
+
+        def pack(t):
+            pointers.append(t.data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            psft_ext.psft_loss(x, case.targets, case.old_logprobs, reduction=reduction,
+                               **case.kwargs)
+        return x.data_ptr(), pointers
+
+    logits_ptr, pointers = saved_pointers("mean")
+    assert pointers and logits_ptr not in pointers
+    logits_ptr, pointers = saved_pointers("none")
+    assert logits_ptr in pointers
+
+
+def test_second_backward_is_an_error(device):
+    """The backward rescales the saved gradient in place: a second backward through the same
+    graph must fail rather than return a twice-scaled gradient."""
+    case = make_case((2, 4), 11, torch.float32, device, seed=207)
+    x = case.fused_logits()
+    loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, **case.kwargs)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (2 * loss).backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypatch):
+    case = make_case((2, 4), 11, dtype, device, seed=208)
+    called = []
+    real = ops.psft_forward_backward
+    monkeypatch.setattr(ops, "psft_forward_backward",
+                        lambda *a: called.append(1) or real(*a), raising=False)
+    with torch.no_grad():
+        psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
+    psft_ext.psft_loss(case.logits.detach(), case.targets, case.old_logprobs, **case.kwargs)
+    assert not called
