@@ -1,7 +1,10 @@
 """Benchmark: the fused PSFT loss against the plain PyTorch reference (and peers), in one run.
 
 For each shape (N tokens x V vocabulary) it times the forward and the forward+backward of
-  - fused:      psft_ext.psft_loss (this project's kernels)
+  - fused:      psft_ext.psft_loss (this project's kernels; with a gradient to compute, the single
+                pass psft_forward_backward: the gradient is written with the forward)
+  - fused_two_pass: the same loss through the two-kernel pair (psft_forward, then psft_backward
+                in the backward), via reduction="none" and a token mean
   - reference:  psft_ext.reference.psft_loss, eager PyTorch
   - compiled:   torch.compile of the reference              (CUDA; --peers compile)
   - liger:      Liger-Kernel's Triton GRPO loss, advantages 1, beta 0 (CUDA, when installed)
@@ -142,6 +145,11 @@ def make_inputs(n, vocab, dtype, device, seed=0):
 
 def fused_loss(logits, targets, old):
     return psft_ext.psft_loss(logits, targets, old)
+
+
+def fused_two_pass_loss(logits, targets, old):
+    per_token = psft_ext.psft_loss(logits, targets, old, reduction="none")
+    return per_token.sum() / (targets != -100).sum().clamp(min=1)
 
 
 def reference_loss(logits, targets, old):
@@ -324,7 +332,7 @@ def main(argv=None):
     reps = args.reps or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
 
-    contenders = {"fused": fused_loss}
+    contenders = {"fused": fused_loss, "fused_two_pass": fused_two_pass_loss}
     if not args.no_reference:
         contenders["reference"] = reference_loss
     peers = [s for s in args.peers.split(",") if s] if cuda else []

@@ -13,7 +13,9 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n, vocab in ((1, 1), (3, 7), (5, 129), (37, 1000), (4, 4099), (2, 40000)):
+        # V = 40000 and 151936 also give the single-pass kernel's clusters of 1 to 8 CTAs.
+        for n, vocab in ((1, 1), (3, 7), (5, 129), (37, 1000), (4, 4099), (2, 40000),
+                         (3, 151936)):
             # An offset view so row starts are not 16-byte aligned, and a row stride > V.
             base = torch.randn(n, vocab + 3, device=dev).to(dtype)
             logits = base[:, 1:vocab + 1].requires_grad_(False).clone().requires_grad_(True)
@@ -23,7 +25,14 @@ def main():
             old = psft_ext.token_logprobs(strided, targets) + 0.3 * torch.randn(n, device=dev)
             loss, metrics = psft_ext.psft_loss(logits, targets, old, return_metrics=True,
                                                advantages=torch.randn(n, device=dev), dual_clip=3.0)
-            loss.backward()
+            (0.5 * loss).backward()  # an upstream gradient other than 1: scale_rows_ rescales
+            # The in-place variants (the fused linear loss's) on a contiguous copy.
+            ops = torch.ops.psft_ext
+            work = logits.detach().clone()
+            outs = ops.psft_forward_backward_(work, targets, old, None, 1.0, 0.2, 0.28, 0.0, -100,
+                                              1.0, torch.ones(n, device=dev))
+            ops.psft_backward_(torch.ones(n, device=dev), logits.detach().clone(), targets,
+                               outs[6], outs[7], -100, 1.0)
             psft_ext.token_logprobs(strided, targets.int(), with_entropy=True)
             psft_ext.psft_loss(strided, targets, temperature=0.7, reduction="none")
     torch.cuda.synchronize()

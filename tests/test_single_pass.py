@@ -232,3 +232,61 @@ def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypa
         psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
     psft_ext.psft_loss(case.logits.detach(), case.targets, case.old_logprobs, **case.kwargs)
     assert not called
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the single-pass kernel's launch shapes (clusters of 1 to 8 CTAs on Hopper; elsewhere the
+# same op runs the two kernels back to back)
+# ----------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,vocab", [
+    (torch.bfloat16, 32000),    # one CTA per row
+    (torch.float32, 32000),     # clusters of 2
+    (torch.bfloat16, 151936),   # clusters of 4
+    (torch.float32, 151936),    # clusters of 8
+    (torch.float16, 50257),
+    (torch.bfloat16, 7),
+    (torch.float32, 100003),
+], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
+def test_cuda_single_pass_shapes(dtype, vocab, offset):
+    n = 37
+    g = generator(vocab + offset)
+    buf = (torch.randn(n, vocab + 8, generator=g) * 2.5).to(dtype).cuda()
+    logits = buf[:, offset:offset + vocab]  # row stride > V; row starts off 16 bytes for offset 3
+    targets = torch.randint(0, vocab, (n,), generator=g).cuda()
+    targets[::5] = -100
+    old = (ops.token_logprobs(logits, targets, -100, 1.0)[0]
+           + 0.6 * (torch.rand(n, generator=g).cuda() - 0.5))
+    args = (logits, targets, old, None, 1.0, 0.2, 0.28, 0.0, -100, 0.9)
+    expected = (0.5 + torch.rand(n, generator=g)).cuda()
+    *outs, grad = ops.psft_forward_backward(*args, expected)
+    ref = ops.psft_forward(*args)
+    for got, exp in zip(outs, ref):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    exp_grad = ops.psft_backward(expected, logits, targets, ref[6], ref[7], -100, 0.9)
+    tol = dict(rtol=2e-2, atol=1e-6) if dtype in LOW_PRECISION else dict(rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(grad, exp_grad, **tol)
+    # Run to run: bitwise the same.
+    *outs2, grad2 = ops.psft_forward_backward(*args, expected)
+    assert torch.equal(grad, grad2) and all(torch.equal(a, b) for a, b in zip(outs, outs2))
+    # In place over a contiguous copy: the same values.
+    work = logits.contiguous()
+    outs3 = ops.psft_forward_backward_(work, *args[1:], expected)
+    torch.testing.assert_close(work, grad, **tol)
+    for got, exp in zip(outs3, outs):
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+
+
+@cuda_only
+def test_cuda_scale_rows_misaligned_rows():
+    """V = 13 bf16: rows start off 16-byte boundaries; only rows with factor != 1 change."""
+    grad = torch.randn(9, 13, generator=generator(9)).to(torch.bfloat16).cuda()
+    factor = torch.tensor([1.0, 2.0, 1.0, 0.5, -1.0, 1.0, 3.0, 1.0, 0.0]).cuda()
+    expected = (grad.float() * factor[:, None]).to(torch.bfloat16)
+    ops.scale_rows_(grad, factor)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)

@@ -32,11 +32,32 @@ __device__ __forceinline__ float element_grad(float z, const RowGrad& g, bool is
   return logit_grad(__fmul_rn(z, g.inv_temperature), g.lse, g.scale, is_target);
 }
 
+// Loads of the input row. Through the read-only data cache (__ldg) unless the gradient is written
+// over the logits (kInPlace): that cache may only serve memory the kernel does not write.
+template <typename T, bool kInPlace>
+__device__ __forceinline__ float read_element(const T* p) {
+  if constexpr (kInPlace) {
+    using Bits = typename ElementBits<T>::type;
+    return bits_to_float(*reinterpret_cast<const Bits*>(p), static_cast<T*>(nullptr));
+  } else {
+    return load_element(p);
+  }
+}
+
+template <typename T, bool kInPlace>
+__device__ __forceinline__ uint4 read_vec(const T* p) {
+  if constexpr (kInPlace) {
+    return *reinterpret_cast<const uint4*>(p);
+  } else {
+    return load_raw_vec(p);
+  }
+}
+
 // The gradient row is vectorised on the *output's* 16-byte boundaries, so every store is a full
 // 16-byte store. The input row may sit at a different offset from its boundary (strided or
 // offset views): then it is read element by element (kVectorLoads = false). Those loads are
 // still coalesced, and the path only serves views that are not dense rows.
-template <typename T, int kThreadsPerRow, bool kVectorLoads>
+template <typename T, int kThreadsPerRow, bool kVectorLoads, bool kInPlace = false>
 __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int64_t vocab,
                                                const RowGrad& g, int lane) {
   constexpr int kElems = Vec<T>::kElems;
@@ -47,7 +68,8 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
   const RowSplit split = split_row<T>(out_row, vocab);
 
   if (lane < split.head) {
-    store_element(out_row + lane, element_grad(load_element(in_row + lane), g, lane == g.target));
+    store_element(out_row + lane,
+                  element_grad(read_element<T, kInPlace>(in_row + lane), g, lane == g.target));
   }
 
   const T* in_body = in_row + split.head;
@@ -61,7 +83,7 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
       const int64_t v = first + static_cast<int64_t>(u) * kThreadsPerRow;
       if (v < split.vectors) {
         if constexpr (kVectorLoads) {
-          raw[u] = load_raw_vec(in_body + v * kElems);
+          raw[u] = read_vec<T, kInPlace>(in_body + v * kElems);
         } else {
 #pragma unroll
           for (int k = 0; k < kElems; ++k) z[u][k] = load_element(in_body + v * kElems + k);
@@ -88,11 +110,13 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
 
   if (lane < split.tail) {
     const int64_t j = split.head + split.vectors * kElems + lane;
-    store_element(out_row + j, element_grad(load_element(in_row + j), g, j == g.target));
+    store_element(out_row + j, element_grad(read_element<T, kInPlace>(in_row + j), g, j == g.target));
   }
 }
 
-template <typename T, int kThreadsPerRow, int kRowsPerBlock>
+// kInPlace: the gradient is written over the (contiguous) logits; each element is read by the
+// thread that then overwrites it, before it does.
+template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kInPlace>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
                                   kResidentThreadsPerSm / (kThreadsPerRow * kRowsPerBlock))
     psft_backward_kernel(const BackwardArgs a) {
@@ -129,6 +153,10 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     g.inv_temperature = a.inv_temperature;
     g.target = target;
     const T* in_row = logits + row * a.in.row_stride;
+    if constexpr (kInPlace) {
+      write_grad_row<T, kThreadsPerRow, true, true>(in_row, out_row, vocab, g, lane);
+      continue;
+    }
     const bool same_phase = ((reinterpret_cast<uintptr_t>(in_row) ^
                               reinterpret_cast<uintptr_t>(out_row)) & 15u) == 0;
     if (same_phase) {
@@ -149,12 +177,20 @@ cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const f
       grad_loss == nullptr || lse == nullptr || coef == nullptr || grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }
+  const bool in_place = grad_logits == in.logits;
+  if (in_place && in.rows > 1 && in.row_stride != in.vocab) return cudaErrorInvalidValue;
   const BackwardArgs args{in, grad_loss, lse, coef, ignore_index, inv_temperature, grad_logits};
   return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
     return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
-      psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock>
-          <<<grid_for_rows(in.rows, kRowsPerBlock), kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-              args);
+      const dim3 grid = grid_for_rows(in.rows, kRowsPerBlock);
+      const int threads = kThreadsPerRow * kRowsPerBlock;
+      if (in_place) {
+        psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, true>
+            <<<grid, threads, 0, stream>>>(args);
+      } else {
+        psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, false>
+            <<<grid, threads, 0, stream>>>(args);
+      }
       return cudaGetLastError();
     });
   });

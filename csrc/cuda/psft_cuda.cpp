@@ -61,31 +61,39 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-ForwardResult psft_forward_cuda(const at::Tensor& logits_in, const at::Tensor& targets_in,
-                                const std::optional<at::Tensor>& old_in,
-                                const std::optional<at::Tensor>& adv_in, double advantage,
-                                double clip_low, double clip_high, double dual_clip,
-                                int64_t ignore_index, double temperature) {
-  const char* op = "psft_forward";
-  check_on_cuda(logits_in, op);
-  const c10::cuda::CUDAGuard device_guard(logits_in.device());
-  check_logits_and_targets(logits_in, targets_in, ignore_index, op);
-  check_per_token(old_in, logits_in, "old_logprobs", op);
-  check_per_token(adv_in, logits_in, "advantages", op);
-  const LossParams params =
-      make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+// The forward's inputs, checked and laid out for the kernels.
+struct ForwardInputs {
+  at::Tensor logits, targets, old, adv;
+  LossParams params;
 
-  const at::Tensor logits = rows_with_unit_stride(logits_in);
-  const at::Tensor targets = targets_in.contiguous();
-  const at::Tensor old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
-  const at::Tensor adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
-  const int64_t n = logits.size(0);
-  const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, opts), logp = at::empty({n}, opts),
-             entropy = at::empty({n}, opts), ratio = at::empty({n}, opts),
-             log_ratio = at::empty({n}, opts), clipped = at::empty({n}, opts),
-             lse = at::empty({n}, opts), coef = at::empty({n}, opts);
-  if (n > 0) {
+  ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
+                double advantage, double clip_low, double clip_high, double dual_clip,
+                int64_t ignore_index, double temperature, const char* op) {
+    check_logits_and_targets(logits_in, targets_in, ignore_index, op);
+    check_per_token(old_in, logits_in, "old_logprobs", op);
+    check_per_token(adv_in, logits_in, "advantages", op);
+    params = make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+    logits = rows_with_unit_stride(logits_in);
+    targets = targets_in.contiguous();
+    old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
+    adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
+  }
+  int64_t rows() const { return logits.size(0); }
+};
+
+// The forward's eight per-token float32 outputs, in the ops' order.
+struct ForwardBuffers {
+  at::Tensor loss, logp, entropy, ratio, log_ratio, clipped, lse, coef;
+
+  explicit ForwardBuffers(const at::Tensor& logits) {
+    const auto opts = logits.options().dtype(at::kFloat);
+    const int64_t n = logits.size(0);
+    for (at::Tensor* t : {&loss, &logp, &entropy, &ratio, &log_ratio, &clipped, &lse, &coef}) {
+      *t = at::empty({n}, opts);
+    }
+  }
+  ForwardOutputs pointers() {
     ForwardOutputs out;
     out.loss = float_ptr(loss);
     out.logp = float_ptr(logp);
@@ -95,39 +103,147 @@ ForwardResult psft_forward_cuda(const at::Tensor& logits_in, const at::Tensor& t
     out.clipped = float_ptr(clipped);
     out.lse = float_ptr(lse);
     out.coef = float_ptr(coef);
-    check_launch(launch_psft_forward(rows_of(logits, targets, op), optional_float_ptr(old),
-                                     optional_float_ptr(adv), params, out,
-                                     c10::cuda::getCurrentCUDAStream().stream()),
+    return out;
+  }
+  ForwardResult result() const { return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef}; }
+};
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+ForwardResult psft_forward_cuda(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                                const std::optional<at::Tensor>& old_in,
+                                const std::optional<at::Tensor>& adv_in, double advantage,
+                                double clip_low, double clip_high, double dual_clip,
+                                int64_t ignore_index, double temperature) {
+  const char* op = "psft_forward";
+  check_on_cuda(logits_in, op);
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  const ForwardInputs in(logits_in, targets_in, old_in, adv_in, advantage, clip_low, clip_high,
+                         dual_clip, ignore_index, temperature, op);
+  ForwardBuffers out(in.logits);
+  if (in.rows() > 0) {
+    check_launch(launch_psft_forward(rows_of(in.logits, in.targets, op), optional_float_ptr(in.old),
+                                     optional_float_ptr(in.adv), in.params, out.pointers(),
+                                     current_stream()),
                  op);
   }
-  return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef};
+  return out.result();
 }
 
-at::Tensor psft_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
-                              const at::Tensor& targets_in, const at::Tensor& lse_in,
-                              const at::Tensor& coef_in, int64_t ignore_index,
-                              double temperature) {
+// The gradient of sum_t grad_loss[t] * loss[t] into `grad` (a fresh dense buffer, or the
+// contiguous logits themselves: the launcher then reads each element before it overwrites it).
+void launch_backward(const at::Tensor& grad_loss_in, const at::Tensor& logits,
+                     const at::Tensor& targets, const at::Tensor& lse_in,
+                     const at::Tensor& coef_in, int64_t ignore_index, double temperature,
+                     at::Tensor& grad, const char* op) {
+  if (logits.size(0) == 0) return;
+  const at::Tensor grad_loss = grad_loss_in.contiguous(), lse = lse_in.contiguous(),
+                   coef = coef_in.contiguous();
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  check_launch(launch_psft_backward(rows_of(logits, targets, op), grad_loss.data_ptr<float>(),
+                                    lse.data_ptr<float>(), coef.data_ptr<float>(), ignore_index,
+                                    inv_temperature, grad.data_ptr(), current_stream()),
+               op);
+}
+
+// psft_forward_backward(_): the outputs and the gradient of sum_t grad_loss[t] * loss[t], in one
+// pass where the single-pass kernel applies (Hopper, rows that fit a cluster's shared memory),
+// else the forward kernel and then the backward kernel.
+std::tuple<ForwardResult, at::Tensor> forward_backward(
+    const at::Tensor& logits_in, const at::Tensor& targets_in,
+    const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
+    double advantage, double clip_low, double clip_high, double dual_clip, int64_t ignore_index,
+    double temperature, const at::Tensor& grad_loss_in, bool in_place, const char* op) {
+  check_on_cuda(logits_in, op);
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  const ForwardInputs in(logits_in, targets_in, old_in, adv_in, advantage, clip_low, clip_high,
+                         dual_clip, ignore_index, temperature, op);
+  check_forward_backward_inputs(logits_in, grad_loss_in, in_place, op);
+  ForwardBuffers out(in.logits);
+  at::Tensor grad = in_place ? logits_in
+                             : at::empty(in.logits.sizes(), in.logits.options().memory_format(
+                                                                at::MemoryFormat::Contiguous));
+  if (in.rows() == 0) return {out.result(), grad};
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  const Rows rows = rows_of(in.logits, in.targets, op);
+  if (psft_forward_backward_supported(logits_in.get_device(), rows.dtype, rows.vocab)) {
+    check_launch(launch_psft_forward_backward(rows, optional_float_ptr(in.old),
+                                              optional_float_ptr(in.adv), in.params,
+                                              grad_loss.data_ptr<float>(), out.pointers(),
+                                              grad.data_ptr(), current_stream()),
+                 op);
+  } else {
+    check_launch(launch_psft_forward(rows, optional_float_ptr(in.old), optional_float_ptr(in.adv),
+                                     in.params, out.pointers(), current_stream()),
+                 op);
+    launch_backward(grad_loss, in.logits, in.targets, out.lse, out.coef, ignore_index,
+                    temperature, grad, op);
+  }
+  return {out.result(), grad};
+}
+
+using ForwardBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor>;
+
+ForwardBackwardResult psft_forward_backward_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
+    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
+  auto [outs, grad] = forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
+                                       dual_clip, ignore_index, temperature, grad_loss, false,
+                                       "psft_forward_backward");
+  return std::tuple_cat(outs, std::make_tuple(grad));
+}
+
+ForwardResult psft_forward_backward_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
+    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
+  return std::get<0>(forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
+                                      dual_clip, ignore_index, temperature, grad_loss, true,
+                                      "psft_forward_backward_"));
+}
+
+at::Tensor psft_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
+                              const at::Tensor& targets_in, const at::Tensor& lse,
+                              const at::Tensor& coef, int64_t ignore_index, double temperature) {
   const char* op = "psft_backward";
   check_on_cuda(logits_in, op);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   // The targets were range-checked by the forward (the kernel still never reads outside a row).
-  check_backward_inputs(grad_loss_in, logits_in, targets_in, lse_in, coef_in, temperature, op);
-
+  check_backward_inputs(grad_loss, logits_in, targets_in, lse, coef, temperature, op);
   const at::Tensor logits = rows_with_unit_stride(logits_in);
-  const at::Tensor targets = targets_in.contiguous(), grad_loss = grad_loss_in.contiguous(),
-                   lse = lse_in.contiguous(), coef = coef_in.contiguous();
-  const int64_t n = logits.size(0), vocab = logits.size(1);
   at::Tensor grad =
-      at::empty({n, vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (n > 0) {
-    const float inv_temperature = static_cast<float>(1.0 / temperature);
-    check_launch(launch_psft_backward(rows_of(logits, targets, op),
-                                      grad_loss.data_ptr<float>(), lse.data_ptr<float>(),
-                                      coef.data_ptr<float>(), ignore_index, inv_temperature,
-                                      grad.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
-                 op);
-  }
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  launch_backward(grad_loss, logits, targets_in.contiguous(), lse, coef, ignore_index,
+                  temperature, grad, op);
   return grad;
+}
+
+void psft_backward_inplace_cuda(const at::Tensor& grad_loss, at::Tensor& logits,
+                                const at::Tensor& targets, const at::Tensor& lse,
+                                const at::Tensor& coef, int64_t ignore_index, double temperature) {
+  const char* op = "psft_backward_";
+  check_on_cuda(logits, op);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  check_backward_inputs(grad_loss, logits, targets, lse, coef, temperature, op);
+  TORCH_CHECK_VALUE(logits.is_contiguous(), op,
+                    ": logits must be contiguous to receive the gradient in place");
+  launch_backward(grad_loss, logits, targets.contiguous(), lse, coef, ignore_index, temperature,
+                  logits, op);
+}
+
+void scale_rows_cuda(at::Tensor& grad, const at::Tensor& factor_in) {
+  const char* op = "scale_rows_";
+  check_on_cuda(grad, op);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  check_scale_rows_inputs(grad, factor_in, op);
+  if (grad.numel() == 0) return;
+  const at::Tensor factor = factor_in.contiguous();
+  check_launch(launch_scale_rows(grad.data_ptr(), dtype_of(grad, op), grad.size(0), grad.size(1),
+                                 factor.data_ptr<float>(), current_stream()),
+               op);
 }
 
 std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_in,
@@ -147,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_
     const float inv_temperature = static_cast<float>(1.0 / temperature);
     check_launch(launch_token_logprobs(rows_of(logits, targets, op), ignore_index,
                                        inv_temperature, float_ptr(logp), float_ptr(entropy),
-                                       c10::cuda::getCurrentCUDAStream().stream()),
+                                       current_stream()),
                  op);
   }
   return {logp, entropy};
@@ -160,5 +276,9 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_
 TORCH_LIBRARY_IMPL(psft_ext, CUDA, m) {
   m.impl("psft_forward", &psft::cuda::psft_forward_cuda);
   m.impl("psft_backward", &psft::cuda::psft_backward_cuda);
+  m.impl("psft_backward_", &psft::cuda::psft_backward_inplace_cuda);
+  m.impl("psft_forward_backward", &psft::cuda::psft_forward_backward_cuda);
+  m.impl("psft_forward_backward_", &psft::cuda::psft_forward_backward_inplace_cuda);
+  m.impl("scale_rows_", &psft::cuda::scale_rows_cuda);
   m.impl("token_logprobs", &psft::cuda::token_logprobs_cuda);
 }

@@ -55,9 +55,29 @@ cudaError_t launch_token_logprobs(const Rows& in, int64_t ignore_index, float in
 // grad_logits[r, j] = grad_loss[r] * coef[r] * inv_temperature * (exp(z[r, j] * inv_temperature
 // - lse[r]) - [j == y_r]), written densely (row stride V) in the logits' dtype. Rows whose
 // grad_loss * coef is 0 (ignored, clipped) are written as zeros without reading their logits.
+// grad_logits may be in.logits itself (in place) when the rows are contiguous (row_stride == V).
 cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const float* lse,
                                  const float* coef, int64_t ignore_index, float inv_temperature,
                                  void* grad_logits, cudaStream_t stream);
+
+// Single pass on Hopper (sm_90): the forward's per-row outputs and the gradient of
+// sum_r grad_loss[r] * loss[r] (grad_loss: the upstream gradient the caller expects), reading each
+// row of logits once (a thread-block cluster holds the row in shared memory). grad_logits may be
+// the logits themselves when the rows are contiguous (row_stride == V).
+// Returns cudaErrorNotSupported (launching nothing) where it does not apply: not sm_90+, or a row
+// too long for the clusters.
+cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logprobs,
+                                         const float* advantages, const LossParams& params,
+                                         const float* grad_loss, const ForwardOutputs& out,
+                                         void* grad_logits, cudaStream_t stream);
+// Whether launch_psft_forward_backward applies to this device, dtype and vocabulary size (no
+// launch).
+bool psft_forward_backward_supported(int device, DType dtype, int64_t vocab);
+
+// grad[r, :] *= factor[r] for the rows of a dense (rows x vocab) gradient, in place, skipping
+// the rows whose factor is exactly 1 (read on the device: the host never waits).
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t vocab,
+                              const float* factor, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace psft
