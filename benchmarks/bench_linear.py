@@ -2,7 +2,10 @@
 
 For each shape (N tokens, H hidden size, V vocabulary) it times forward+backward (gradients of the
 hidden states and the LM head) and measures the peak memory of
-  - fused_linear:  psft_ext.linear_psft_loss(hidden, weight, targets, old)   (this project)
+  - fused_linear:  psft_ext.linear_psft_loss(hidden, weight, targets, old)   (this project;
+                   grad_weight of a bf16 / fp16 head accumulated in float32 across chunks)
+  - fused_linear_lowacc: the same with accumulate_float32=False (grad_weight accumulated in
+                   the head's dtype: no float32 buffer)                   (--dtype bf16 / fp16)
   - mat+fused:     psft_ext.psft_loss(hidden @ weight.T, ...)                (logits materialized)
   - mat+reference: psft_ext.reference.psft_loss(hidden @ weight.T, ...)      (eager PyTorch)
   - liger:         Liger-Kernel's LigerFusedLinearGRPOLoss, set up as PSFT (advantage 1, beta 0,
@@ -79,9 +82,10 @@ def make_inputs(n, hidden_size, vocab, dtype, device, seed=0):
 
 # ----------------------------------------------------------------------------- contenders
 
-def make_fused_linear(chunk_size):
+def make_fused_linear(chunk_size, accumulate_float32=True):
     def fused_linear(hidden, weight, targets, old):
-        return psft_ext.linear_psft_loss(hidden, weight, targets, old, chunk_size=chunk_size)
+        return psft_ext.linear_psft_loss(hidden, weight, targets, old, chunk_size=chunk_size,
+                                         accumulate_float32=accumulate_float32)
     return fused_linear
 
 
@@ -214,7 +218,7 @@ def markdown_table(rows):
             continue
         vs = f"{r['vs_floor']:.2f}x" if "vs_floor" in r else "-"
         pm = f"{r['peak_vs_mat_fused']:.2f}" if "peak_vs_mat_fused" in r else "-"
-        fused = r["name"] == "fused_linear"
+        fused = r["name"].startswith("fused_linear")
         target = _mib(r["grads_bytes"] + r["chunk_bytes"]) if fused else "-"
         lines.append(
             f"| {shape} | {r['name']} | {_ms(r['fwdbwd_s'])} | {vs} | {_mib(r['peak_bytes'])} | "
@@ -231,8 +235,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="comma-separated NxHxV list")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="rows per chunk of the fused linear loss (default: its automatic choice)")
-    p.add_argument("--contenders", default="fused_linear,mat+fused,mat+reference,liger",
-                   help="comma-separated subset (liger only where installed)")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated subset (liger only where installed); default: all, "
+                        "fused_linear_lowacc only for bfloat16 / float16")
     p.add_argument("--liger-seq", type=int, default=1024, help="tokens per sequence for Liger")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=None)
@@ -250,9 +255,13 @@ def main(argv=None):
     reps = args.reps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
 
-    wanted = [s for s in args.contenders.split(",") if s]
+    default = "fused_linear,mat+fused,mat+reference,liger"
+    if dtype != torch.float32:
+        default = "fused_linear,fused_linear_lowacc,mat+fused,mat+reference,liger"
+    wanted = [s for s in (args.contenders or default).split(",") if s]
     available = {
         "fused_linear": lambda: make_fused_linear(args.chunk_size),
+        "fused_linear_lowacc": lambda: make_fused_linear(args.chunk_size, False),
         "mat+fused": lambda: materialized_fused,
         "mat+reference": lambda: materialized_reference,
         "liger": lambda: make_liger_loss(args.liger_seq),

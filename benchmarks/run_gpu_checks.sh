@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The Hopper single-pass kernel is opt-in until verified: the tests, the sanitizer and the benchmark
+# run with it (test_single_pass.py checks both paths; bench_loss compares it with the two kernels).
+export PSFT_EXT_SM90_SINGLE_PASS=${PSFT_EXT_SM90_SINGLE_PASS:-1}
 # The repository root on the path too, so the scripts under benchmarks/ import the in-place build.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STAGES=" ${*:-build test sanitize bench} "

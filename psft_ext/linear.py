@@ -301,19 +301,19 @@ def _run_forward(hidden, weight, bias, targets, old, adv, adv_scalar, clip_low, 
     for start, end in bounds:
         h = operands.hidden_rows(start, end)
         logits = _chunk_logits(h, operands.weight, operands.bias)
-        args = (logits, targets[start:end], None if old is None else old[start:end],
+        rest = (targets[start:end], None if old is None else old[start:end],
                 None if adv is None else adv[start:end], adv_scalar, clip_low, clip_high,
                 dual_clip, ignore_index, temperature)
         if grads.needed:
             # One pass over the chunk: the outputs, and the gradient written over the logits.
-            outs = ops.psft_forward_backward_(*args, grad_weights[start:end])
+            outs = ops.psft_forward_backward_(logits, *rest, grad_weights[start:end])
             grads.add(logits, h, operands.weight, start, end)
         else:
-            outs = ops.psft_forward(*args)
+            outs = ops.psft_forward(logits, *rest)
         for dst, src in zip(per_token, outs):
             dst[start:end] = src
         # Dropped now, not when the next chunk rebinds the name: the next chunk's logits would
-        # otherwise be allocated while this one is still alive.
+        # otherwise be allocated while this one is still alive (so no other name may hold them).
         del logits
     return per_token, grads.results(hidden, weight, bias)
 

@@ -195,6 +195,12 @@ def psft_loss(
     Returns:
         The float32 loss, or ``(loss, metrics)``. Only ``logits`` receives a gradient;
         ``old_logprobs`` and ``advantages`` are treated as constants.
+
+    With reduction "mean" or "sum" and logits that require a gradient (in grad mode), the
+    gradient is written during this call, in the same pass over the logits, for the upstream
+    gradient ``loss.backward()`` gives; the backward only rescales rows when the actual one
+    differs, and the logits are not kept for it. Evaluate under ``torch.no_grad()`` to skip that
+    work. Reduction "none" runs the forward only and reads the logits again in the backward.
     """
     fn = "psft_loss"
     _check_logits_targets(logits, targets, fn)

@@ -710,3 +710,24 @@ def test_narrow_halves(device, dtype, vocab):
     assert out.dtype == dtype and out.shape == (vocab, hidden_size) and out.is_contiguous()
     assert out.untyped_storage().data_ptr() == storage
     torch.testing.assert_close(out, full.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_chunk_of_logits_alive_at_a_time(device, monkeypatch, reduction):
+    """Each chunk's logits (whose memory then holds their gradient) are gone before the next
+    chunk's are formed: the peak is one chunk, forward and backward."""
+    case = make_linear_case((4, 6), 37, 16, torch.float32, device, seed=33)
+    alive = []
+    real = linear._chunk_logits
+
+    def chunk_logits(*args):
+        import weakref
+        assert all(ref() is None for ref in alive), "a previous chunk's logits are still alive"
+        out = real(*args)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(linear, "_chunk_logits", chunk_logits)
+    weights = None if reduction == "mean" else torch.rand(4, 6, generator=generator(5)).to(device)
+    run_fused(case, chunk_size=5, reduction=reduction, weights=weights)
+    assert len(alive) >= 5 * (2 if reduction == "none" else 1)

@@ -253,7 +253,11 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
     (torch.float32, 100003),
 ], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
 @pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
-def test_cuda_single_pass_shapes(dtype, vocab, offset):
+@pytest.mark.parametrize("sm90", ["0", "1"], ids=["two_kernels", "sm90_single_pass"])
+def test_cuda_single_pass_shapes(dtype, vocab, offset, sm90, monkeypatch):
+    # The Hopper kernel is opt-in (PSFT_EXT_SM90_SINGLE_PASS=1); elsewhere both runs take the
+    # two kernels.
+    monkeypatch.setenv("PSFT_EXT_SM90_SINGLE_PASS", sm90)
     n = 37
     g = generator(vocab + offset)
     buf = (torch.randn(n, vocab + 8, generator=g) * 2.5).to(dtype).cuda()

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -146,9 +148,16 @@ void launch_backward(const at::Tensor& grad_loss_in, const at::Tensor& logits,
                op);
 }
 
+// The Hopper single-pass kernel is opt-in (PSFT_EXT_SM90_SINGLE_PASS=1, read at each call) until
+// it has been verified on a GPU; by default the two tested kernels run back to back.
+bool sm90_single_pass_enabled() {
+  const char* v = std::getenv("PSFT_EXT_SM90_SINGLE_PASS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 // psft_forward_backward(_): the outputs and the gradient of sum_t grad_loss[t] * loss[t], in one
-// pass where the single-pass kernel applies (Hopper, rows that fit a cluster's shared memory),
-// else the forward kernel and then the backward kernel.
+// pass where the single-pass kernel is enabled and applies (Hopper, rows that fit a cluster's
+// shared memory), else the forward kernel and then the backward kernel.
 std::tuple<ForwardResult, at::Tensor> forward_backward(
     const at::Tensor& logits_in, const at::Tensor& targets_in,
     const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
@@ -166,7 +175,8 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
   if (in.rows() == 0) return {out.result(), grad};
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   const Rows rows = rows_of(in.logits, in.targets, op);
-  if (psft_forward_backward_supported(logits_in.get_device(), rows.dtype, rows.vocab)) {
+  if (sm90_single_pass_enabled() &&
+      psft_forward_backward_supported(logits_in.get_device(), rows.dtype, rows.vocab)) {
     check_launch(launch_psft_forward_backward(rows, optional_float_ptr(in.old),
                                               optional_float_ptr(in.adv), in.params,
                                               grad_loss.data_ptr<float>(), out.pointers(),
