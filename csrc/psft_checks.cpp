@@ -101,6 +101,24 @@ void check_scale_rows_inputs(const at::Tensor& grad, const at::Tensor& factor, c
   check_per_token(factor, grad, "factor", op);
 }
 
+ForwardInputs::ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                             const std::optional<at::Tensor>& old_in,
+                             const std::optional<at::Tensor>& adv_in, double advantage,
+                             double clip_low, double clip_high, double dual_clip,
+                             int64_t ignore_index, double temperature, const char* op) {
+  check_logits_and_targets(logits_in, targets_in, ignore_index, op);
+  check_per_token(old_in, logits_in, "old_logprobs", op);
+  check_per_token(adv_in, logits_in, "advantages", op);
+  params = make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
+  logits = rows_with_unit_stride(logits_in);
+  targets = targets_in.contiguous();
+  old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
+  adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
+  n = logits.size(0);
+  vocab = logits.size(1);
+  row_stride = n > 1 ? logits.stride(0) : vocab;
+}
+
 void check_temperature(double temperature, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
                     ": temperature must be a finite positive number, got ", str_of(temperature));

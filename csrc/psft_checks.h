@@ -55,6 +55,20 @@ void check_forward_backward_inputs(const at::Tensor& logits, const at::Tensor& g
 // (N,) factor on its device.
 void check_scale_rows_inputs(const at::Tensor& grad, const at::Tensor& factor, const char* op);
 
+// The forward's inputs, checked (logits and targets, old_logprobs, advantages, the
+// hyper-parameters) and laid out for the kernels: rows with a unit element stride, contiguous
+// per-token tensors (undefined where absent).
+struct ForwardInputs {
+  at::Tensor logits, targets, old, adv;
+  LossParams params;
+  int64_t n, vocab, row_stride;  // row_stride: elements between row starts (V for one row)
+
+  ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
+                const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
+                double advantage, double clip_low, double clip_high, double dual_clip,
+                int64_t ignore_index, double temperature, const char* op);
+};
+
 // Logits the kernels can read: the last dimension must be dense (stride 1); rows may be strided.
 at::Tensor rows_with_unit_stride(const at::Tensor& logits);
 

@@ -19,6 +19,7 @@
 #endif
 
 #include "../psft_checks.h"
+#include "../psft_op_adapters.h"
 #include "../psft_math.h"
 #include "dtype_convert.h"
 #include "vec_exp.h"
@@ -178,9 +179,6 @@ int64_t row_stride_of(const at::Tensor& logits) {
   return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
 }
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor>;
-
 // The forward's eight per-token float32 outputs, in the ops' order.
 struct ForwardOutputs {
   enum { kLoss, kLogp, kEntropy, kRatio, kLogRatio, kClipped, kLse, kCoef, kCount };
@@ -199,30 +197,6 @@ struct ForwardOutputs {
   ForwardResult result() const {
     return {tensors[0], tensors[1], tensors[2], tensors[3],
             tensors[4], tensors[5], tensors[6], tensors[7]};
-  }
-};
-
-// The forward's inputs, checked and laid out for the row loop.
-struct ForwardInputs {
-  at::Tensor logits, targets, old, adv;
-  LossParams params;
-  int64_t n, vocab, stride;
-
-  ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
-                const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
-                double advantage, double clip_low, double clip_high, double dual_clip,
-                int64_t ignore_index, double temperature, const char* op) {
-    check_logits_and_targets(logits_in, targets_in, ignore_index, op);
-    check_per_token(old_in, logits_in, "old_logprobs", op);
-    check_per_token(adv_in, logits_in, "advantages", op);
-    params = make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
-    logits = rows_with_unit_stride(logits_in);
-    targets = targets_in.contiguous();
-    old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
-    adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
-    n = logits.size(0);
-    vocab = logits.size(1);
-    stride = row_stride_of(logits);
   }
 };
 
@@ -270,7 +244,7 @@ ForwardResult psft_forward_cpu(const at::Tensor& logits_in, const at::Tensor& ta
           out.write_zeros(r);
           continue;
         }
-        forward_row(base + r * in.stride, in.vocab, y, r, in.params, old_p, adv_p, out.ptr);
+        forward_row(base + r * in.row_stride, in.vocab, y, r, in.params, old_p, adv_p, out.ptr);
       }
     });
   });
@@ -311,7 +285,7 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
           std::memset(static_cast<void*>(grad_row), 0, sizeof(scalar_t) * in.vocab);
           continue;
         }
-        const scalar_t* row = base + r * in.stride;
+        const scalar_t* row = base + r * in.row_stride;
         forward_row(row, in.vocab, y, r, in.params, old_p, adv_p, out.ptr);
         const float scale = g_p[r] * out.ptr[ForwardOutputs::kCoef][r] * inv_t;
         if (scale == 0.0f) {  // clipped, or no upstream gradient
@@ -324,29 +298,6 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
     });
   });
   return {out.result(), grad};
-}
-
-using ForwardBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor>;
-
-ForwardBackwardResult psft_forward_backward_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
-    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
-  auto [outs, grad] = forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
-                                       dual_clip, ignore_index, temperature, grad_loss, false,
-                                       "psft_forward_backward");
-  return std::tuple_cat(outs, std::make_tuple(grad));
-}
-
-ForwardResult psft_forward_backward_inplace_cpu(
-    at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
-    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
-  return std::get<0>(forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
-                                      dual_clip, ignore_index, temperature, grad_loss, true,
-                                      "psft_forward_backward_"));
 }
 
 void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor_in) {
@@ -466,8 +417,9 @@ TORCH_LIBRARY_IMPL(psft_ext, CPU, m) {
   m.impl("psft_forward", &psft::cpu::psft_forward_cpu);
   m.impl("psft_backward", &psft::cpu::psft_backward_cpu);
   m.impl("psft_backward_", &psft::cpu::psft_backward_inplace_cpu);
-  m.impl("psft_forward_backward", &psft::cpu::psft_forward_backward_cpu);
-  m.impl("psft_forward_backward_", &psft::cpu::psft_forward_backward_inplace_cpu);
+  m.impl("psft_forward_backward", &psft::forward_backward_op<&psft::cpu::forward_backward>);
+  m.impl("psft_forward_backward_",
+         &psft::forward_backward_inplace_op<&psft::cpu::forward_backward>);
   m.impl("scale_rows_", &psft::cpu::scale_rows_cpu);
   m.impl("token_logprobs", &psft::cpu::token_logprobs_cpu);
 }

@@ -15,14 +15,12 @@
 #include <tuple>
 
 #include "../psft_checks.h"
+#include "../psft_op_adapters.h"
 #include "psft_launch.h"
 
 namespace psft {
 namespace cuda {
 namespace {
-
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                 at::Tensor, at::Tensor, at::Tensor>;
 
 void check_on_cuda(const at::Tensor& logits, const char* op) {
   TORCH_CHECK_VALUE(logits.is_cuda(), op, ": logits are on ", str_of(logits.device()),
@@ -63,27 +61,6 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// The forward's inputs, checked and laid out for the kernels.
-struct ForwardInputs {
-  at::Tensor logits, targets, old, adv;
-  LossParams params;
-
-  ForwardInputs(const at::Tensor& logits_in, const at::Tensor& targets_in,
-                const std::optional<at::Tensor>& old_in, const std::optional<at::Tensor>& adv_in,
-                double advantage, double clip_low, double clip_high, double dual_clip,
-                int64_t ignore_index, double temperature, const char* op) {
-    check_logits_and_targets(logits_in, targets_in, ignore_index, op);
-    check_per_token(old_in, logits_in, "old_logprobs", op);
-    check_per_token(adv_in, logits_in, "advantages", op);
-    params = make_loss_params(advantage, clip_low, clip_high, dual_clip, ignore_index, temperature);
-    logits = rows_with_unit_stride(logits_in);
-    targets = targets_in.contiguous();
-    old = old_in.has_value() ? old_in->contiguous() : at::Tensor();
-    adv = adv_in.has_value() ? adv_in->contiguous() : at::Tensor();
-  }
-  int64_t rows() const { return logits.size(0); }
-};
-
 // The forward's eight per-token float32 outputs, in the ops' order.
 struct ForwardBuffers {
   at::Tensor loss, logp, entropy, ratio, log_ratio, clipped, lse, coef;
@@ -107,7 +84,9 @@ struct ForwardBuffers {
     out.coef = float_ptr(coef);
     return out;
   }
-  ForwardResult result() const { return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef}; }
+  ForwardResult result() const {
+    return {loss, logp, entropy, ratio, log_ratio, clipped, lse, coef};
+  }
 };
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -123,7 +102,7 @@ ForwardResult psft_forward_cuda(const at::Tensor& logits_in, const at::Tensor& t
   const ForwardInputs in(logits_in, targets_in, old_in, adv_in, advantage, clip_low, clip_high,
                          dual_clip, ignore_index, temperature, op);
   ForwardBuffers out(in.logits);
-  if (in.rows() > 0) {
+  if (in.n > 0) {
     check_launch(launch_psft_forward(rows_of(in.logits, in.targets, op), optional_float_ptr(in.old),
                                      optional_float_ptr(in.adv), in.params, out.pointers(),
                                      current_stream()),
@@ -172,7 +151,7 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
   at::Tensor grad = in_place ? logits_in
                              : at::empty(in.logits.sizes(), in.logits.options().memory_format(
                                                                 at::MemoryFormat::Contiguous));
-  if (in.rows() == 0) return {out.result(), grad};
+  if (in.n == 0) return {out.result(), grad};
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   const Rows rows = rows_of(in.logits, in.targets, op);
   if (sm90_single_pass_enabled() &&
@@ -190,29 +169,6 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
                     temperature, grad, op);
   }
   return {out.result(), grad};
-}
-
-using ForwardBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                         at::Tensor>;
-
-ForwardBackwardResult psft_forward_backward_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
-    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
-  auto [outs, grad] = forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
-                                       dual_clip, ignore_index, temperature, grad_loss, false,
-                                       "psft_forward_backward");
-  return std::tuple_cat(outs, std::make_tuple(grad));
-}
-
-ForwardResult psft_forward_backward_inplace_cuda(
-    at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& old,
-    const std::optional<at::Tensor>& adv, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const at::Tensor& grad_loss) {
-  return std::get<0>(forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
-                                      dual_clip, ignore_index, temperature, grad_loss, true,
-                                      "psft_forward_backward_"));
 }
 
 at::Tensor psft_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
@@ -287,8 +243,9 @@ TORCH_LIBRARY_IMPL(psft_ext, CUDA, m) {
   m.impl("psft_forward", &psft::cuda::psft_forward_cuda);
   m.impl("psft_backward", &psft::cuda::psft_backward_cuda);
   m.impl("psft_backward_", &psft::cuda::psft_backward_inplace_cuda);
-  m.impl("psft_forward_backward", &psft::cuda::psft_forward_backward_cuda);
-  m.impl("psft_forward_backward_", &psft::cuda::psft_forward_backward_inplace_cuda);
+  m.impl("psft_forward_backward", &psft::forward_backward_op<&psft::cuda::forward_backward>);
+  m.impl("psft_forward_backward_",
+         &psft::forward_backward_inplace_op<&psft::cuda::forward_backward>);
   m.impl("scale_rows_", &psft::cuda::scale_rows_cuda);
   m.impl("token_logprobs", &psft::cuda::token_logprobs_cuda);
 }
