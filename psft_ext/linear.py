@@ -258,6 +258,22 @@ def _accumulate_mm(acc, a, b, overwrite):
     and b are bfloat16 / float16."""
     global _CUDA_F32_ADDMM
     beta = 0 if overwrite else 1  # beta = 0: acc is not read (uninitialized memory is fine)
+    if not acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        # The CPU BLAS has no low-precision product with a float32 output, and its in-place
+        # low-precision addmm makes float32 temporaries of the output's size: the product in
+        # float32 (exact products, float32 sums) in blocks of acc's rows, so the temporaries stay
+        # small, added to acc with one rounding when acc is low-precision.
+        block = max(1, (32 << 20) // max(1, b.shape[1] * 4))
+        b32 = b.float()
+        for start in range(0, a.shape[0], block):
+            part, a32 = acc[start:start + block], a[start:start + block].float()
+            if part.dtype == torch.float32:
+                part.addmm_(a32, b32, beta=beta)
+            elif overwrite:
+                part.copy_(torch.mm(a32, b32))
+            else:
+                part.add_(torch.mm(a32, b32))
+        return
     if acc.dtype == a.dtype:
         acc.addmm_(a, b, beta=beta)
         return
@@ -280,9 +296,7 @@ def _accumulate_mm(acc, a, b, overwrite):
         for start in range(0, a.shape[0], block):
             acc[start:start + block] += torch.mm(a[start:start + block], b)
         return
-    # CPU BLAS has no low-precision x low-precision -> float32 product: the chunk in float32
-    # (exact products, float32 sums).
-    acc.addmm_(a.float(), b.float(), beta=beta)
+    acc.addmm_(a, b, beta=beta)  # float32 x float32 into float32 (CPU)
 
 
 def _run_forward(hidden, weight, bias, targets, old, adv, adv_scalar, clip_low, clip_high,
