@@ -262,8 +262,9 @@ def _accumulate_mm(acc, a, b, overwrite):
         # The CPU BLAS has no low-precision product with a float32 output, and its in-place
         # low-precision addmm makes float32 temporaries of the output's size: the product in
         # float32 (exact products, float32 sums) in blocks of acc's rows, so the temporaries stay
-        # small, added to acc with one rounding when acc is low-precision.
-        block = max(1, (32 << 20) // max(1, b.shape[1] * 4))
+        # small, added to acc with one rounding when acc is low-precision (add_ then also makes a
+        # float32 copy of the block of acc: 8 MiB blocks keep all of them small).
+        block = max(1, (8 << 20) // max(1, b.shape[1] * 4))
         b32 = b.float()
         for start in range(0, a.shape[0], block):
             part, a32 = acc[start:start + block], a[start:start + block].float()
