@@ -110,7 +110,8 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
 
   if (lane < split.tail) {
     const int64_t j = split.head + split.vectors * kElems + lane;
-    store_element(out_row + j, element_grad(read_element<T, kInPlace>(in_row + j), g, j == g.target));
+    store_element(out_row + j,
+                  element_grad(read_element<T, kInPlace>(in_row + j), g, j == g.target));
   }
 }
 

@@ -64,10 +64,11 @@ __global__ void __launch_bounds__(kScaleThreads)
 
 cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t vocab,
                               const float* factor, cudaStream_t stream) {
-  if (rows < 0 || vocab < 0 || ((rows > 0 && vocab > 0) && (grad == nullptr || factor == nullptr))) {
+  const bool empty = rows == 0 || vocab == 0;
+  if (rows < 0 || vocab < 0 || (!empty && (grad == nullptr || factor == nullptr))) {
     return cudaErrorInvalidValue;
   }
-  if (rows == 0 || vocab == 0) return cudaSuccess;
+  if (empty) return cudaSuccess;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
