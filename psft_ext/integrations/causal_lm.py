@@ -190,6 +190,11 @@ class CausalLMPSFT:
         use_fused_linear: compute from the hidden states and the LM head without forming the
             logits (falls back to the logits by itself where that would be wrong).
         chunk_size: rows of logits formed at a time by the fused linear loss (None: automatic).
+        accumulate_float32: for a bfloat16 / float16 LM head split into several chunks, the fused
+            linear loss accumulates the LM head's gradient across chunks in float32 (default: one
+            rounding at the end, a float32 V x H buffer) or, with False, in the weight's dtype
+            (one rounding per chunk, no extra buffer); see :func:`psft_ext.linear_psft_loss`.
+            No effect on float32 weights, on the logits path or on the token log-probs.
         ignore_index, temperature: as for :func:`psft_ext.psft_loss`.
 
     ``model`` is what is called (possibly a DDP / accelerate wrapper); ``lm`` is the unwrapped
@@ -198,11 +203,16 @@ class CausalLMPSFT:
 
     def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
                  use_fused_linear: bool = True, chunk_size: Optional[int] = None,
-                 ignore_index: int = -100, temperature: float = 1.0):
+                 accumulate_float32: bool = True, ignore_index: int = -100,
+                 temperature: float = 1.0):
+        if not isinstance(accumulate_float32, bool):
+            raise TypeError(f"CausalLMPSFT: accumulate_float32 must be a bool, got "
+                            f"{accumulate_float32!r} ({type(accumulate_float32).__name__})")
         self.clip_low = clip_low
         self.clip_high = clip_high
         self.use_fused_linear = use_fused_linear
         self.chunk_size = chunk_size
+        self.accumulate_float32 = accumulate_float32
         self.ignore_index = ignore_index
         self.temperature = temperature
         self._blocked: Optional[str] = None
@@ -382,7 +392,8 @@ class CausalLMPSFT:
             with head.autocast():
                 return linear_psft_loss(head.hidden, head.weight, targets.to(head.hidden.device),
                                         _on(old_logprobs, head.hidden), bias=head.bias,
-                                        chunk_size=self.chunk_size, **kwargs)
+                                        chunk_size=self.chunk_size,
+                                        accumulate_float32=self.accumulate_float32, **kwargs)
         return psft_loss(head.logits, targets.to(head.logits.device),
                          _on(old_logprobs, head.logits), **kwargs)
 

@@ -106,6 +106,11 @@ class PSFTArguments:
                 "the logits (falls back to the logits, with a warning, where that is not exact)."})
     fused_linear_chunk_size: Optional[int] = field(default=None, metadata={
         "help": "Rows of logits formed at a time by the fused linear loss (None: automatic)."})
+    fused_linear_accumulate_float32: bool = field(default=True, metadata={
+        "help": "With a bfloat16 / float16 LM head, accumulate its gradient across the fused "
+                "linear loss's chunks in float32 (one rounding at the end, a float32 copy of the "
+                "LM head's size); False accumulates in the weight's dtype (one rounding per "
+                "chunk, less memory)."})
 
     def __post_init__(self):
         parent = getattr(super(), "__post_init__", None)
@@ -127,6 +132,10 @@ def validate_psft_arguments(args) -> None:
     chunk = values["fused_linear_chunk_size"]
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"fused_linear_chunk_size must be a positive int or None, got {chunk!r}")
+    accumulate = values["fused_linear_accumulate_float32"]
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"fused_linear_accumulate_float32 must be a bool, got {accumulate!r} "
+                        f"({type(accumulate).__name__})")
 
 
 def psft_values(args) -> dict:
@@ -137,7 +146,8 @@ def psft_values(args) -> dict:
 @dataclass
 class PSFTConfig(PSFTArguments, TrainingArguments):
     """``TrainingArguments`` plus the PSFT hyper-parameters: ``clip_low``, ``clip_high``,
-    ``steps_per_old_policy``, ``use_fused_linear``, ``fused_linear_chunk_size``."""
+    ``steps_per_old_policy``, ``use_fused_linear``, ``fused_linear_chunk_size``,
+    ``fused_linear_accumulate_float32``."""
 
 
 class PSFTTrainerMixin:
@@ -180,7 +190,8 @@ class PSFTTrainerMixin:
         self._psft_head = CausalLMPSFT(
             clip_low=values["clip_low"], clip_high=values["clip_high"],
             use_fused_linear=values["use_fused_linear"],
-            chunk_size=values["fused_linear_chunk_size"])
+            chunk_size=values["fused_linear_chunk_size"],
+            accumulate_float32=values["fused_linear_accumulate_float32"])
         blocker = self._psft_fused_blocker()
         if values["use_fused_linear"] and blocker is not None:
             self._psft_head.block_fused(blocker)

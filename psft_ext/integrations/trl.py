@@ -31,7 +31,8 @@ __all__ = ["PSFTConfig", "PSFTTrainer"]
 @dataclass
 class PSFTConfig(PSFTArguments, SFTConfig):
     """``trl.SFTConfig`` plus the PSFT hyper-parameters: ``clip_low``, ``clip_high``,
-    ``steps_per_old_policy``, ``use_fused_linear``, ``fused_linear_chunk_size``."""
+    ``steps_per_old_policy``, ``use_fused_linear``, ``fused_linear_chunk_size``,
+    ``fused_linear_accumulate_float32``."""
 
 
 class PSFTTrainer(PSFTTrainerMixin, SFTTrainer):

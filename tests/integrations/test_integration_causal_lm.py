@@ -9,6 +9,8 @@ pytest.importorskip("transformers")
 import psft_ext  # noqa: E402
 from integration_helpers import TokenDataset, pad_collate, tiny_model  # noqa: E402
 from integration_helpers import one_thread  # noqa: E402,F401  (autouse fixture)
+from psft_ext import reference  # noqa: E402
+from psft_ext.integrations import causal_lm as causal_lm_module  # noqa: E402
 from psft_ext.integrations.causal_lm import CausalLMPSFT, batch_targets, count_targets  # noqa: E402
 from psft_ext.integrations.old_policy import OldPolicyGroups, compute_old_logprobs  # noqa: E402
 
@@ -46,6 +48,77 @@ def test_fused_path_equals_logits_path(kind, tied):
     torch.testing.assert_close(compute_old_logprobs(model, batch, head=fused),
                                compute_old_logprobs(model, batch, head=plain),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_accumulate_float32_reaches_linear_psft_loss(monkeypatch):
+    seen = []
+    real = causal_lm_module.linear_psft_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("accumulate_float32", "not passed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm_module, "linear_psft_loss", spy)
+    model = tiny_model()
+    batch = pad_collate([TokenDataset()[i] for i in range(2)])
+    for head in (CausalLMPSFT(), CausalLMPSFT(accumulate_float32=False),
+                 CausalLMPSFT(accumulate_float32=True)):
+        head.loss(model, batch)[0].backward()
+        assert head.uses_fused(model)
+    assert seen == [True, False, True]
+    # The token log-probs (no gradient, so nothing to accumulate) do not go through it.
+    CausalLMPSFT(accumulate_float32=False).token_logprobs(model, batch)
+    assert len(seen) == 3
+
+
+def test_bf16_lm_head_gradient_with_and_without_float32_accumulation():
+    """bfloat16 model, several row chunks: both accumulations give the LM head's gradient of a
+    float64 reference (on the model's own final hidden states) within bfloat16 tolerance, the
+    float32 one more closely; accumulate_float32=False also matches the logits path. The option
+    changes the LM head's gradient and nothing else."""
+    model = tiny_model().to(torch.bfloat16)
+    batch = pad_collate([TokenDataset()[i] for i in range(4)])
+    targets = batch_targets(batch)
+    # Log-ratios of +-0.1 and +-0.5: both clipped and unclipped tokens, all far enough from the
+    # clip bounds that bfloat16 rounding of the logits does not move a token across one.
+    g = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([-0.5, -0.1, 0.1, 0.5])[torch.randint(0, 4, targets.shape, generator=g)]
+    old = compute_old_logprobs(model, batch, head=CausalLMPSFT()) + offsets
+    grads = {}
+    for accumulate in (True, False):
+        head = CausalLMPSFT(chunk_size=4, accumulate_float32=accumulate)  # > 10 row chunks
+        _, metrics, grads[accumulate] = _loss_and_grads(head, model, batch, old)
+        assert head.uses_fused(model) and 0 < metrics.clip_fraction < 1
+    _, _, plain = _loss_and_grads(CausalLMPSFT(use_fused_linear=False), model, batch, old)
+
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
+    weight = model.lm_head.weight.detach().double().requires_grad_()
+    reference.psft_loss(hidden.double() @ weight.T, targets, old.double()).backward()
+    want = weight.grad
+    tol = dict(rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    errors = {}
+    for accumulate, got in grads.items():
+        got = got["lm_head.weight"]
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, **tol)
+        errors[accumulate] = ((got.double() - want).norm() / want.norm()).item()
+    assert errors[True] < errors[False]
+    torch.testing.assert_close(grads[False]["lm_head.weight"].double(),
+                               plain["lm_head.weight"].double(), **tol)
+    torch.testing.assert_close(grads[True]["lm_head.weight"], plain["lm_head.weight"],
+                               rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert not torch.equal(grads[True]["lm_head.weight"], grads[False]["lm_head.weight"])
+    for name in grads[True]:
+        if name != "lm_head.weight":
+            assert torch.equal(grads[True][name], grads[False][name]), name
+
+
+@pytest.mark.parametrize("bad", ["false", 0, 1, None])
+def test_accumulate_float32_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match="accumulate_float32 must be a bool"):
+        CausalLMPSFT(accumulate_float32=bad)
 
 
 def test_sft_gradient_without_old_logprobs():

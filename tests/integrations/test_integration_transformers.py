@@ -1,5 +1,6 @@
 """PSFTTrainer (psft_ext.integrations.transformers) on tiny Llama / Qwen2 models, CPU."""
 
+import json
 import os
 import warnings
 
@@ -22,6 +23,7 @@ from integration_helpers import (  # noqa: E402
     tiny_model,
     train_logs,
 )
+from psft_ext.integrations import causal_lm as causal_lm_module  # noqa: E402
 from psft_ext.integrations.causal_lm import CausalLMPSFT  # noqa: E402
 from psft_ext.integrations.old_policy import OLD_LOGPROBS_KEY, compute_old_logprobs  # noqa: E402
 from psft_ext.integrations.transformers import (  # noqa: E402
@@ -324,6 +326,7 @@ def test_config_fields_and_validation(tmp_path):
     args = PSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     assert (args.clip_low, args.clip_high, args.steps_per_old_policy) == (0.2, 0.28, 8)
     assert args.use_fused_linear is True and args.fused_linear_chunk_size is None
+    assert args.fused_linear_accumulate_float32 is True
     assert isinstance(args, transformers.TrainingArguments)
     with pytest.raises(ValueError, match="steps_per_old_policy"):
         PSFTConfig(output_dir=str(tmp_path), use_cpu=True, steps_per_old_policy=0)
@@ -331,3 +334,44 @@ def test_config_fields_and_validation(tmp_path):
         PSFTConfig(output_dir=str(tmp_path), use_cpu=True, clip_low=-0.1)
     with pytest.raises(ValueError, match="label_smoothing"):
         make_trainer(tmp_path, label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize("bad", ["false", 0, None])
+def test_fused_linear_accumulate_float32_must_be_a_bool(tmp_path, bad):
+    with pytest.raises(TypeError, match="fused_linear_accumulate_float32 must be a bool"):
+        PSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                   fused_linear_accumulate_float32=bad)
+
+
+def test_fused_linear_accumulate_float32_round_trips(tmp_path):
+    """The field goes through the command line, the JSON of the arguments and back."""
+    parser = transformers.HfArgumentParser(PSFTConfig)
+    base = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
+    for extra, want in (([], True), (["--no_fused_linear_accumulate_float32"], False),
+                        (["--fused_linear_accumulate_float32", "false"], False),
+                        (["--fused_linear_accumulate_float32", "true"], True)):
+        (args,) = parser.parse_args_into_dataclasses(base + extra)
+        assert args.fused_linear_accumulate_float32 is want, extra
+    args = PSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                      fused_linear_accumulate_float32=False)
+    saved = json.loads(args.to_json_string())
+    assert saved["fused_linear_accumulate_float32"] is False
+    (loaded,) = parser.parse_dict(saved)
+    assert loaded.fused_linear_accumulate_float32 is False
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_fused_linear_accumulate_float32_reaches_the_loss(tmp_path, monkeypatch, accumulate):
+    seen = []
+    real = causal_lm_module.linear_psft_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("accumulate_float32", "not passed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm_module, "linear_psft_loss", spy)
+    trainer = make_trainer(tmp_path, max_steps=1, fused_linear_accumulate_float32=accumulate)
+    assert trainer.psft_head.accumulate_float32 is accumulate
+    trainer.train()
+    assert trainer.psft_head.uses_fused(trainer.model)
+    assert seen and all(value is accumulate for value in seen), seen

@@ -44,6 +44,13 @@ def test_config_is_an_sft_config(tmp_path):
                       steps_per_old_policy=4, clip_high=0.3)
     assert isinstance(args, trl.SFTConfig)
     assert (args.steps_per_old_policy, args.clip_low, args.clip_high) == (4, 0.2, 0.3)
+    assert args.fused_linear_accumulate_float32 is True
+    off = PSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                     fused_linear_accumulate_float32=False)
+    assert off.fused_linear_accumulate_float32 is False
+    with pytest.raises(TypeError, match="fused_linear_accumulate_float32"):
+        PSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                   fused_linear_accumulate_float32="no")
     with pytest.raises(ValueError, match="loss_type"):
         PSFTTrainer(model=tiny_model(), processing_class=word_tokenizer(),
                     args=PSFTConfig(output_dir=str(tmp_path), loss_type="dft", **{
