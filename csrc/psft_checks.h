@@ -24,9 +24,20 @@ std::string str_of(at::ScalarType t);
 std::string str_of(const c10::Device& d);
 
 // Checks logits (N, V) and targets (N,): ranks, dtypes, devices, and that every target is either
-// ignore_index or in [0, V) (this last check reads the targets: one small pass, one sync on GPU).
+// ignore_index or in [0, V). This last check reads the targets: a scan on the CPU; on a GPU one
+// small kernel and an 8-byte read-back (a sync), cuda::check_target_range.
 void check_logits_and_targets(const at::Tensor& logits, const at::Tensor& targets,
                               int64_t ignore_index, const char* op);
+
+// Raises the ValueError for the target id `id` at row `pos`, outside [0, vocab).
+[[noreturn]] void raise_bad_target(int64_t id, int64_t pos, int64_t vocab, int64_t ignore_index,
+                                   const char* op);
+
+namespace cuda {
+// The range check of CUDA targets (csrc/cuda/psft_cuda.cpp, CUDA builds only).
+void check_target_range(const at::Tensor& targets, int64_t vocab, int64_t ignore_index,
+                        const char* op);
+}  // namespace cuda
 
 // Checks an optional per-token float32 tensor (old_logprobs, advantages) against N and device.
 void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logits,

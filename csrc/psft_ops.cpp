@@ -1,9 +1,9 @@
 // Op schemas of the psft_ext library and the Python module stub.
 //
 // The schemas live here; the CPU kernels register their implementations in
-// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp. Fake (meta) kernels and
-// autograd are registered from Python (psft_ext/_ops.py), as torch.library recommends, so the ops
-// work under torch.compile.
+// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp, autograd in
+// csrc/psft_autograd.cpp. Fake (meta) kernels are registered from Python (psft_ext/_ops.py), so the
+// ops work under torch.compile.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -6,7 +6,9 @@ also returns the gradient for an expected upstream gradient), its in-place varia
 ``psft_forward_backward_`` and the backward's ``psft_backward_`` (both write the gradient over
 the logits), ``scale_rows_`` and ``token_logprobs``. Registering fake kernels and autograd
 here, through ``torch.library``, is what lets ``torch.compile`` trace callers without graph breaks
-and lets ``torch.library.opcheck`` verify the ops.
+and lets ``torch.library.opcheck`` verify the ops. The autograd of the two differentiable ops
+(``psft_forward`` and ``psft_forward_backward``) is registered in C++ (csrc/psft_autograd.cpp):
+torch.library's Python autograd wrapper cost about 150 us per call for these ops.
 """
 
 import torch
@@ -64,57 +66,3 @@ def _scale_rows_fake(grad, factor):
 def _token_logprobs_fake(logits, targets, ignore_index, temperature):
     n = logits.shape[0]
     return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
-
-
-def _psft_forward_setup_context(ctx, inputs, output):
-    logits, targets = inputs[0], inputs[1]
-    ctx.ignore_index = inputs[8]
-    ctx.temperature = inputs[9]
-    _, logp, entropy, ratio, log_ratio, clipped, lse, coef = output
-    ctx.mark_non_differentiable(logp, entropy, ratio, log_ratio, clipped, lse, coef)
-    ctx.save_for_backward(logits, targets, lse, coef)
-
-
-def _psft_forward_backward(ctx, grad_loss, *unused_grads):
-    # Only the per-token loss is differentiable; old log-probs and advantages are constants of
-    # the step (as in verl), so they get no gradient.
-    logits, targets, lse, coef = ctx.saved_tensors
-    grad_logits = ops.psft_backward(grad_loss.float(), logits, targets, lse, coef,
-                                    ctx.ignore_index, ctx.temperature)
-    return (grad_logits,) + (None,) * 9
-
-
-torch.library.register_autograd(
-    "psft_ext::psft_forward", _psft_forward_backward, setup_context=_psft_forward_setup_context
-)
-
-
-def _single_pass_setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*output[1:])
-    # The gradient of the loss for the upstream gradient the caller expected; the logits
-    # themselves are not kept.
-    ctx.save_for_backward(output[8], inputs[10])
-
-
-def _single_pass_backward(ctx, grad_loss, *unused_grads):
-    # The gradient was formed in the forward for an upstream gradient `expected`; rows whose
-    # actual one differs are rescaled in place (for the usual loss.backward() every factor is
-    # exactly 1 and nothing is touched). scale_rows_ is an op declared as mutating, so AOT
-    # autograd functionalizes it rather than meet an in-place update of a saved tensor; a second
-    # backward through the graph (retain_graph=True) fails autograd's saved-tensor version check
-    # instead of rescaling twice.
-    if grad_loss is None:
-        return (None,) * 11
-    grad_logits, expected = ctx.saved_tensors
-    ops.scale_rows_(grad_logits, grad_loss.float() / expected)
-    # An op defined in C++ does not bump the version counter of the tensor it mutates; the
-    # saved-tensor check of a second backward relies on it.
-    torch.autograd.graph.increment_version(grad_logits)
-    return (grad_logits,) + (None,) * 10
-
-
-torch.library.register_autograd(
-    "psft_ext::psft_forward_backward", _single_pass_backward,
-    setup_context=_single_pass_setup_context,
-)

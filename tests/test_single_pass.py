@@ -249,7 +249,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
     (torch.bfloat16, 151936),   # clusters of 4
     (torch.float32, 151936),    # clusters of 8
     (torch.float16, 50257),
-    (torch.bfloat16, 7),
+    (torch.bfloat16, 7),        # rows of <= 32 KB: the two kernels, also with the opt-in
     (torch.float32, 100003),
 ], ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
 @pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset3"])
@@ -284,6 +284,25 @@ def test_cuda_single_pass_shapes(dtype, vocab, offset, sm90, monkeypatch):
     torch.testing.assert_close(work, grad, **tol)
     for got, exp in zip(outs3, outs):
         torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sm90", ["0", "1"], ids=["two_kernels", "sm90_single_pass"])
+def test_single_pass_overlapping_rows(device, sm90, monkeypatch):
+    """Rows that share memory (an expanded row, row stride 0) are valid input to read from."""
+    monkeypatch.setenv("PSFT_EXT_SM90_SINGLE_PASS", sm90)
+    n, vocab = 6, 40000
+    g = generator(vocab)
+    row = (torch.randn(vocab, generator=g) * 2.0).to(torch.bfloat16).to(device)
+    logits = row.expand(n, vocab)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    args = (logits, targets, None, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
+    expected = torch.full((n,), 0.25, device=device)
+    *outs, grad = ops.psft_forward_backward(*args, expected)
+    dense = logits.contiguous()
+    *ref_outs, ref_grad = ops.psft_forward_backward(dense, *args[1:], expected)
+    for got, exp in zip(outs, ref_outs):
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-2, atol=1e-6)
 
 
 @cuda_only

@@ -156,18 +156,22 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
   const Rows rows = rows_of(in.logits, in.targets, op);
   if (sm90_single_pass_enabled() &&
       psft_forward_backward_supported(logits_in.get_device(), rows.dtype, rows.vocab)) {
-    check_launch(launch_psft_forward_backward(rows, optional_float_ptr(in.old),
-                                              optional_float_ptr(in.adv), in.params,
-                                              grad_loss.data_ptr<float>(), out.pointers(),
-                                              grad.data_ptr(), current_stream()),
-                 op);
-  } else {
-    check_launch(launch_psft_forward(rows, optional_float_ptr(in.old), optional_float_ptr(in.adv),
-                                     in.params, out.pointers(), current_stream()),
-                 op);
-    launch_backward(grad_loss, in.logits, in.targets, out.lse, out.coef, ignore_index,
-                    temperature, grad, op);
+    const cudaError_t err = launch_psft_forward_backward(
+        rows, optional_float_ptr(in.old), optional_float_ptr(in.adv), in.params,
+        grad_loss.data_ptr<float>(), out.pointers(), grad.data_ptr(), current_stream());
+    // Not supported after all (no cluster of this size can be resident, e.g. under MPS): nothing
+    // was launched, the two kernels below run instead.
+    if (err != cudaErrorNotSupported) {
+      check_launch(err, op);
+      return {out.result(), grad};
+    }
+    (void)cudaGetLastError();
   }
+  check_launch(launch_psft_forward(rows, optional_float_ptr(in.old), optional_float_ptr(in.adv),
+                                   in.params, out.pointers(), current_stream()),
+               op);
+  launch_backward(grad_loss, in.logits, in.targets, out.lse, out.coef, ignore_index, temperature,
+                  grad, op);
   return {out.result(), grad};
 }
 
@@ -236,6 +240,22 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_
 }
 
 }  // namespace
+
+// Declared in psft_checks.h; called by check_logits_and_targets for CUDA targets before any
+// kernel reads a row. One kernel finds the first bad row; reading it back is the one sync.
+void check_target_range(const at::Tensor& targets, int64_t vocab, int64_t ignore_index,
+                        const char* op) {
+  const c10::cuda::CUDAGuard device_guard(targets.device());
+  const at::Tensor ids = targets.contiguous();
+  at::Tensor first_bad = at::empty({1}, ids.options().dtype(at::kLong));
+  check_launch(launch_first_bad_target(ids.data_ptr(), ids.scalar_type() == at::kInt, ids.numel(),
+                                       vocab, ignore_index, first_bad.data_ptr<int64_t>(),
+                                       current_stream()),
+               op);
+  const int64_t pos = first_bad.item<int64_t>();
+  if (pos >= 0) raise_bad_target(ids[pos].item<int64_t>(), pos, vocab, ignore_index, op);
+}
+
 }  // namespace cuda
 }  // namespace psft
 

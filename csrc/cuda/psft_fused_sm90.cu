@@ -38,6 +38,10 @@
 // every element is read before anything overwrites it; no row is read by two clusters.
 #include <cooperative_groups.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "psft_common.cuh"
 #include "psft_launch.h"
 #include "psft_softmax.cuh"
@@ -103,11 +107,25 @@ __device__ __forceinline__ Slice cta_slice(const T* in_row, int64_t vocab, int64
   return s;
 }
 
+// Loads of the logits. Streaming (ld.global.cs: coherent, evict-first; each element is read once
+// and then lives in shared memory), not the read-only path (__ldg): the gradient may be written
+// over the logits by this kernel, and the non-coherent cache may only serve memory a kernel does
+// not write.
+template <typename T>
+__device__ __forceinline__ typename ElementBits<T>::type load_bits_streaming(const T* p) {
+  return __ldcs(reinterpret_cast<const typename ElementBits<T>::type*>(p));
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 load_vec_streaming(const T* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
 // Copies one element global -> shared as raw bits and returns its value.
 template <typename T>
 __device__ __forceinline__ float copy_element(const T* src, T* dst) {
   using Bits = typename ElementBits<T>::type;
-  const Bits b = __ldg(reinterpret_cast<const Bits*>(src));
+  const Bits b = load_bits_streaming(src);
   *reinterpret_cast<Bits*>(dst) = b;
   return bits_to_float(b, static_cast<T*>(nullptr));
 }
@@ -140,7 +158,7 @@ __device__ __forceinline__ ThreadStats load_slice(const T* in_row, const Slice& 
 #pragma unroll
     for (int u = 0; u < kFusedUnroll; ++u) {
       const int v = first + u * kFusedThreads;
-      if (v < vectors) raw[u] = load_raw_vec(body + static_cast<int64_t>(v) * kElems);
+      if (v < vectors) raw[u] = load_vec_streaming(body + static_cast<int64_t>(v) * kElems);
     }
 #pragma unroll
     for (int u = 0; u < kFusedUnroll; ++u) {
@@ -314,7 +332,7 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedCtasPerSm)
     // Issued before the copy so their latency hides behind it.
     float z_target = 0.0f, old_logp = 0.0f, advantage = 0.0f, grad_loss = 0.0f;
     if (tid == 0) {
-      z_target = load_element(in_row + target);
+      z_target = bits_to_float(load_bits_streaming(in_row + target), static_cast<T*>(nullptr));
       grad_loss = a.grad_loss[row];
       if (a.old_logprobs != nullptr) old_logp = a.old_logprobs[row];
       advantage = a.advantages != nullptr ? a.advantages[row] : a.params.advantage;
@@ -393,8 +411,15 @@ int element_bytes(DType dtype) {
   }
 }
 
+// Rows of at most this many bytes run as the forward and backward kernels instead: one 512-thread
+// CTA per short row would idle most of its threads through five block barriers and a cluster
+// barrier per row (the two-kernel pair gives such rows a warp or a 128-thread block). 32 KB is
+// where the forward kernel itself moves to 512-thread blocks (PSFT_LAUNCH_SHAPE_SWITCH).
+constexpr int64_t kMinFusedRowBytes = 32 * 1024;
+
 // The cluster for a row of `vocab` elements: the smallest C whose slice (for any 16-byte phase of
-// the row start) plus the pad vector fits kSmemPerCta. cluster_size = 0 where none does.
+// the row start) plus the pad vector fits kSmemPerCta. cluster_size = 0 where none does, or
+// where the row is short enough for the two kernels.
 struct FusedPlan {
   int cluster_size;
   int64_t chunk_vectors;
@@ -405,6 +430,7 @@ FusedPlan plan_for(DType dtype, int64_t vocab) {
   FusedPlan plan{0, 0, 0};
   const int bytes = element_bytes(dtype);
   if (bytes == 0 || vocab <= 0 || vocab > (int64_t{1} << 40)) return plan;
+  if (vocab * bytes <= kMinFusedRowBytes) return plan;
   const int64_t elems = 16 / bytes;
   // Vectors of the 16-byte grid a row can touch: ceil((vocab + pa) / elems) for pa < elems.
   const int64_t row_vectors = (vocab + 2 * (elems - 1)) / elems;
@@ -427,8 +453,7 @@ FusedPlan plan_for(DType dtype, int64_t vocab) {
 // so the image is checked where `device` is the current one (the launcher's case). A failed query
 // (bad device id, no image for this device) counts as unsupported and is not left behind as the
 // thread's last error.
-bool device_supports(int device, const FusedPlan& plan) {
-  if (plan.cluster_size == 0) return false;
+bool query_device_support(int device) {
   int major = 0, cluster_launch = 0, smem_optin = 0, current = -1;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device) != cudaSuccess ||
@@ -439,30 +464,84 @@ bool device_supports(int device, const FusedPlan& plan) {
     return false;
   }
   if (major < 9 || cluster_launch == 0 ||
-      static_cast<int64_t>(smem_optin) <
-          static_cast<int64_t>(plan.smem_bytes) + kStaticSmemAllowance) {
+      static_cast<int64_t>(smem_optin) < kSmemPerCta + kStaticSmemAllowance) {
     return false;
   }
-  if (current == device) {
-    // All dtypes are instantiated for the same architectures: one of them answers for all.
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, psft_fused_kernel<float>) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    if (attributes.binaryVersion < 90 || attributes.ptxVersion < 90) return false;
+  if (current != device) return true;
+  // All dtypes are instantiated for the same architectures: one of them answers for all.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, psft_fused_kernel<float>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
   }
-  return true;
+  return attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90;
+}
+
+// Per-call host work kept to a lookup: the support verdict is queried once per device (from the
+// device it is asked about, where the kernel image can be checked), and each kernel's shared
+// memory limit is raised once per device, to the largest slice, so concurrent callers with
+// different V never lower it under each other.
+constexpr int kMaxDevices = 64;
+
+bool device_supports(int device, const FusedPlan& plan) {
+  if (plan.cluster_size == 0 || device < 0 || device >= kMaxDevices) return false;
+  static std::mutex mutex;
+  static int verdict[kMaxDevices] = {};  // 0: not asked yet, 1: supported, -1: not
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (verdict[device] == 0) {
+    const bool ok = query_device_support(device);
+    // An answer from another device has not seen the kernel image: not cached if positive.
+    if (!ok || current == device) verdict[device] = ok ? 1 : -1;
+    return ok;
+  }
+  return verdict[device] > 0;
 }
 
 template <typename T>
-cudaError_t launch_fused(const FusedArgs& args, const FusedPlan& plan, cudaStream_t stream) {
+cudaError_t configure_kernel_once(int device) {
+  static std::mutex mutex;
+  static bool done[kMaxDevices] = {};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done[device]) return cudaSuccess;
   void (*kernel)(const FusedArgs) = psft_fused_kernel<T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.smem_bytes));
+                                         static_cast<int>(kSmemPerCta));
   if (err != cudaSuccess) return err;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
+  done[device] = true;
+  return cudaSuccess;
+}
+
+// How many clusters of this plan are resident at once, per (device, dtype, plan): queried once.
+template <typename T>
+cudaError_t max_active_clusters(int device, const FusedPlan& plan,
+                                const cudaLaunchConfig_t& config, int* clusters) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, size_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, plan.cluster_size, plan.smem_bytes);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    *clusters = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaOccupancyMaxActiveClusters(clusters, psft_fused_kernel<T>, &config);
+  if (err == cudaSuccess) cache.emplace(key, *clusters);
+  return err;
+}
+
+template <typename T>
+cudaError_t launch_fused(int device, const FusedArgs& args, const FusedPlan& plan,
+                         cudaStream_t stream) {
+  void (*kernel)(const FusedArgs) = psft_fused_kernel<T>;
+  cudaError_t err = configure_kernel_once<T>(device);
   if (err != cudaSuccess) return err;
 
   cudaLaunchAttribute attrs[1];
@@ -482,7 +561,7 @@ cudaError_t launch_fused(const FusedArgs& args, const FusedPlan& plan, cudaStrea
   // so this is what the hardware can hold, not just 2 * SMs / C): an extra cluster that waits
   // for a free GPC slot would run its rows after all others.
   int max_clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config);
+  err = max_active_clusters<T>(device, plan, config, &max_clusters);
   if (err != cudaSuccess) return err;
   if (max_clusters <= 0) return cudaErrorNotSupported;
   const int64_t clusters = args.in.rows < max_clusters ? args.in.rows : max_clusters;
@@ -509,7 +588,11 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
   if (err != cudaSuccess) return err;
   if (!device_supports(device, plan)) return cudaErrorNotSupported;
   if (in.rows == 0) return cudaSuccess;
-  if (in.logits == nullptr || in.targets == nullptr || in.row_stride < in.vocab ||
+  // Out of place, rows may overlap (row_stride < V, e.g. an expanded row); in place, each element
+  // must be its own gradient's slot.
+  const bool in_place = grad_logits == in.logits;
+  if (in.logits == nullptr || in.targets == nullptr || in.row_stride < 0 ||
+      (in_place && in.rows > 1 && in.row_stride != in.vocab) ||
       grad_loss == nullptr || grad_logits == nullptr || out.loss == nullptr ||
       out.logp == nullptr || out.entropy == nullptr || out.ratio == nullptr ||
       out.log_ratio == nullptr || out.clipped == nullptr || out.lse == nullptr ||
@@ -518,7 +601,8 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
   }
   const FusedArgs args{in, old_logprobs, advantages, params, grad_loss, out, grad_logits,
                        plan.chunk_vectors};
-  return PSFT_DTYPE_SWITCH(in.dtype, T, [&] { return launch_fused<T>(args, plan, stream); });
+  return PSFT_DTYPE_SWITCH(in.dtype, T,
+                           [&] { return launch_fused<T>(device, args, plan, stream); });
 }
 
 }  // namespace cuda

@@ -1,6 +1,6 @@
 // Launchers of the PSFT CUDA kernels: raw pointers, sizes and a cudaStream_t, no torch types.
 //
-// The kernels (psft_forward.cu, psft_backward.cu) include only CUDA headers and this file, so
+// The kernels (psft_forward.cu, psft_backward.cu, ...) include only CUDA headers and this file, so
 // they compile with nvcc on a machine whose torch has no CUDA (the CI compile check); the
 // torch-facing glue that calls these launchers is psft_cuda.cpp, built only against a CUDA torch.
 #pragma once
@@ -78,6 +78,12 @@ bool psft_forward_backward_supported(int device, DType dtype, int64_t vocab);
 // the rows whose factor is exactly 1 (read on the device: the host never waits).
 cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t vocab,
                               const float* factor, cudaStream_t stream);
+
+// first_bad (one int64 on the device) = the smallest row whose target is neither ignore_index nor
+// in [0, vocab), or -1 if there is none. Asynchronous: the caller reads it back.
+cudaError_t launch_first_bad_target(const void* targets, bool targets_int32, int64_t n,
+                                    int64_t vocab, int64_t ignore_index, int64_t* first_bad,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace psft

@@ -1,0 +1,180 @@
+// Autograd of the two differentiable ops, psft_forward and psft_forward_backward, registered for
+// every device under the Autograd key.
+//
+// Why in C++ and not with torch.library.register_autograd (the fakes stay in Python, _ops.py):
+// torch.library's Python autograd wrapper costs about 150 us per call for these 11-argument ops
+// (it re-reads the schema's argument list for each argument to fill defaults, then redispatches
+// from Python), and the backward another ~100 us. For a loss whose kernels take about a
+// millisecond on a GPU that was a fifth of the time. A torch::autograd::Function costs a few
+// microseconds, and torch.compile traces it like any other autograd kernel (the forward calls the
+// op below autograd, which reaches the CPU / CUDA kernels or, while tracing, the Python fakes).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace psft {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+using ForwardOutputs =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ForwardBackwardOutputs =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The schema's arguments after logits and targets, shared by both ops.
+struct LossArgs {
+  OptTensor old_logprobs, advantages;
+  double advantage, clip_low, clip_high, dual_clip;
+  int64_t ignore_index;
+  double temperature;
+};
+
+ForwardOutputs call_forward(const Tensor& logits, const Tensor& targets, const LossArgs& a) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("psft_ext::psft_forward", "")
+                             .typed<ForwardOutputs(const Tensor&, const Tensor&, const OptTensor&,
+                                                   const OptTensor&, double, double, double,
+                                                   double, int64_t, double)>();
+  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
+                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature);
+}
+
+ForwardBackwardOutputs call_forward_backward(const Tensor& logits, const Tensor& targets,
+                                             const LossArgs& a, const Tensor& grad_loss) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::psft_forward_backward", "")
+          .typed<ForwardBackwardOutputs(const Tensor&, const Tensor&, const OptTensor&,
+                                        const OptTensor&, double, double, double, double,
+                                        int64_t, double, const Tensor&)>();
+  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
+                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature, grad_loss);
+}
+
+Tensor call_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& targets,
+                     const Tensor& lse, const Tensor& coef, int64_t ignore_index,
+                     double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("psft_ext::psft_backward", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const Tensor&, int64_t, double)>();
+  return op.call(grad_loss, logits, targets, lse, coef, ignore_index, temperature);
+}
+
+void call_scale_rows(Tensor& grad, const Tensor& factor) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("psft_ext::scale_rows_", "")
+                             .typed<void(Tensor&, const Tensor&)>();
+  op.call(grad, factor);
+}
+
+variable_list to_list(const ForwardOutputs& o) {
+  return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o),
+          std::get<4>(o), std::get<5>(o), std::get<6>(o), std::get<7>(o)};
+}
+
+// psft_forward: only the per-token loss is differentiable; old log-probs and advantages are
+// constants of the step (as in verl). The backward reads the logits again.
+struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
+                               const OptTensor& old_logprobs, const OptTensor& advantages,
+                               double advantage, double clip_low, double clip_high,
+                               double dual_clip, int64_t ignore_index, double temperature) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
+                        clip_high,    dual_clip,  ignore_index, temperature};
+    variable_list out = to_list(call_forward(logits, targets, args));
+    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    ctx->save_for_backward({logits, targets, out[6], out[7]});  // lse, coef
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["temperature"] = temperature;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor grad_logits =
+        call_backward(grads[0].to(at::kFloat), saved[0], saved[1], saved[2], saved[3],
+                      ctx->saved_data["ignore_index"].toInt(),
+                      ctx->saved_data["temperature"].toDouble());
+    variable_list result(10);
+    result[0] = grad_logits;
+    return result;
+  }
+};
+
+// psft_forward_backward: the gradient was formed in the forward for the upstream gradient
+// `grad_loss` the caller expected; rows whose actual one differs are rescaled in place (for the
+// usual loss.backward() every factor is exactly 1 and nothing is touched). The logits are not
+// kept.
+struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
+                               const OptTensor& old_logprobs, const OptTensor& advantages,
+                               double advantage, double clip_low, double clip_high,
+                               double dual_clip, int64_t ignore_index, double temperature,
+                               const Tensor& grad_loss) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
+                        clip_high,    dual_clip,  ignore_index, temperature};
+    const ForwardBackwardOutputs o = call_forward_backward(logits, targets, args, grad_loss);
+    variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o),
+                         std::get<3>(o), std::get<4>(o), std::get<5>(o),
+                         std::get<6>(o), std::get<7>(o), std::get<8>(o)};
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
+    ctx->save_for_backward({out[8], grad_loss});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(11);
+    if (!grads[0].defined()) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    Tensor grad_logits = saved[0];
+    call_scale_rows(grad_logits, grads[0].to(at::kFloat) / saved[1]);
+    // An op's kernel does not bump the version counter of the tensor it mutates. Bumped here,
+    // a second backward through the graph (retain_graph=True) fails the saved-tensor version
+    // check instead of rescaling the gradient twice.
+    torch::autograd::impl::bump_version(grad_logits);
+    result[0] = grad_logits;
+    return result;
+  }
+};
+
+ForwardOutputs psft_forward_autograd(const Tensor& logits, const Tensor& targets,
+                                     const OptTensor& old_logprobs, const OptTensor& advantages,
+                                     double advantage, double clip_low, double clip_high,
+                                     double dual_clip, int64_t ignore_index, double temperature) {
+  const variable_list o =
+      ForwardFunction::apply(logits, targets, old_logprobs, advantages, advantage, clip_low,
+                             clip_high, dual_clip, ignore_index, temperature);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
+}
+
+ForwardBackwardOutputs psft_forward_backward_autograd(
+    const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
+    const OptTensor& advantages, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const Tensor& grad_loss) {
+  const variable_list o =
+      ForwardBackwardFunction::apply(logits, targets, old_logprobs, advantages, advantage,
+                                     clip_low, clip_high, dual_clip, ignore_index, temperature,
+                                     grad_loss);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
+}
+
+}  // namespace
+}  // namespace psft
+
+TORCH_LIBRARY_IMPL(psft_ext, Autograd, m) {
+  m.impl("psft_forward", &psft::psft_forward_autograd);
+  m.impl("psft_forward_backward", &psft::psft_forward_backward_autograd);
+}
