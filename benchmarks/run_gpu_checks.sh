@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one go, for a lent GPU machine with a CUDA torch:
 # build the extension for the local GPU, run the test suite on CUDA, run a small workload under
-# compute-sanitizer, then the loss (and fused-linear) benchmarks. Each stage has a time limit and
-# writes its log under $OUT (default ./gpu_out), so a failing stage never hides the others.
+# compute-sanitizer, then the benchmarks (per-call overhead, the loss, the fused linear loss).
+# Each stage has a time limit and writes its log under $OUT (default ./gpu_out), so a failing
+# stage never hides the others.
 #   OUT=/tmp/out bash benchmarks/run_gpu_checks.sh [stage ...]
 # Stages: build test sanitize bench (default: all, in that order). A later call on the same machine
 # can run `bench` alone: the editable install from `build` stays in place.
@@ -60,6 +61,12 @@ done
 fi
 
 if want bench; then
+log "bench_overhead (fixed cost per call, tiny shapes)"
+timeout 120 python3 benchmarks/bench_overhead.py --device cuda \
+  --json "$OUT/bench_overhead_cuda.json" >"$OUT/bench_overhead_cuda.md" 2>&1
+log "bench_overhead exit $?"
+tail -12 "$OUT/bench_overhead_cuda.md"
+
 log "bench_loss"
 timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_loss.py --device cuda --reps 10 --warmup 2 \
   --json "$OUT/bench_loss_cuda.json" >"$OUT/bench_loss_cuda.md" 2>&1

@@ -35,6 +35,18 @@ def main():
                                outs[6], outs[7], -100, 1.0)
             psft_ext.token_logprobs(strided, targets.int(), with_entropy=True)
             psft_ext.psft_loss(strided, targets, temperature=0.7, reduction="none")
+            # Rows that share memory (row stride 0), read out of place.
+            ops.psft_forward_backward(strided[:1].expand(n, vocab), targets, None, None, 1.0,
+                                      0.2, 0.28, 0.0, -100, 1.0, torch.ones(n, device=dev))
+            # A bad target id: the range check's kernel finds it and nothing reads the row.
+            bad = targets.clone()
+            bad[-1] = vocab
+            try:
+                psft_ext.psft_loss(logits, bad, old)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("an out-of-range target was not rejected")
     torch.cuda.synchronize()
     print("sanitizer workload done")
 

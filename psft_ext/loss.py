@@ -89,7 +89,12 @@ def _per_token(name, value, targets, fn, allow_broadcast, where="logits"):
             f"{fn}: {name} must have the targets' shape {tuple(targets.shape)}, "
             f"got {tuple(value.shape)}"
         )
-    return value.detach().reshape(-1).to(torch.float32)
+    # Each tensor op here costs microseconds per call: only the ones that change something.
+    if value.requires_grad:
+        value = value.detach()
+    if value.dim() != 1:
+        value = value.reshape(-1)
+    return value if value.dtype == torch.float32 else value.to(torch.float32)
 
 
 def _targets_for(targets, ignore_index):
@@ -136,7 +141,8 @@ def _old_and_advantages(old_logprobs, advantages, targets, fn, where="logits"):
 def _mean_denominator(num_items, num_tokens, device, fn):
     """The denominator of reduction "mean": a tensor, or a float for a numeric num_items."""
     if num_items is None:
-        return num_tokens.clamp(min=1)
+        # float32 once, rather than promoted in each division by it
+        return num_tokens.clamp(min=1).to(torch.float32)
     if isinstance(num_items, torch.Tensor):
         return num_items.to(device=device, dtype=torch.float32)
     _check_finite("num_items", num_items, fn, low=0.0)
@@ -208,8 +214,8 @@ def psft_loss(
     targets = _targets_for(targets, ignore_index)
 
     vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
-    flat_targets = targets.reshape(-1)
+    flat_logits = logits if logits.dim() == 2 else logits.reshape(-1, vocab)
+    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
     old, adv_tensor, adv_scalar = _old_and_advantages(old_logprobs, advantages, targets, fn)
 
     args = (flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low),

@@ -123,8 +123,15 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
       continue;
     }
     const T* row_logits = logits + row * in.row_stride;
-    // Issued before the scan so its latency hides behind it.
+    // Issued before the scan so their latency hides behind it (not in the serial epilogue).
     const float z_target = lane == 0 ? load_element(row_logits + target) : 0.0f;
+    float old_logp_in = 0.0f, advantage = params.advantage;
+    if constexpr (kLoss) {
+      if (lane == 0) {
+        if (old_logprobs != nullptr) old_logp_in = __ldg(old_logprobs + row);
+        if (advantages != nullptr) advantage = __ldg(advantages + row);
+      }
+    }
     ThreadStats mine;
     if constexpr (kThreadsPerRow == kWarpSize) {
       mine = scan_short_row<T>(row_logits, in.vocab, c2, lane);
@@ -143,8 +150,7 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     r.logp = __fmul_rn(z_target, params.inv_temperature) - r.lse;
     r.entropy = softmax_entropy(st);
     if constexpr (kLoss) {
-      const float old_logp = old_logprobs != nullptr ? old_logprobs[row] : r.logp;
-      const float advantage = advantages != nullptr ? advantages[row] : params.advantage;
+      const float old_logp = old_logprobs != nullptr ? old_logp_in : r.logp;
       const TokenLoss t = token_loss(r.logp, old_logp, advantage, params);
       r.loss = t.loss;
       r.ratio = t.ratio;

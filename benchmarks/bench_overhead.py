@@ -1,0 +1,125 @@
+"""Benchmark: the fixed cost of one loss call, on shapes too small for the kernels to matter.
+
+What a call costs besides moving the logits: argument checks, the op dispatch and autograd, the
+range check of the target ids (a read-back, i.e. a sync, on a GPU) and the reduction. On a GPU
+this host time is only hidden while the device is still busy with earlier work; it is why small
+batches fall short of the bandwidth a large one reaches. Contenders as in bench_loss.py:
+
+  - fused:          psft_ext.psft_loss (single pass when a gradient is needed)
+  - fused_two_pass: the same loss through the two-kernel pair
+  - reference:      psft_ext.reference.psft_loss, eager PyTorch
+  - liger:          Liger-Kernel's GRPO loss (CUDA, when installed)
+
+For each it reports microseconds per call of an evaluation forward (under torch.no_grad()) and
+of a training step (forward + backward): the mean over --calls back-to-back calls (CUDA:
+synchronised once per trial, so the device queue runs as in a loop), the best of --trials such
+trials (the host's noise only ever adds time; on a shared machine the median swings by tens of
+percent from run to run).
+
+  python benchmarks/bench_overhead.py                  # CPU, float32, 4 x 16 and 256 x 1024
+  python benchmarks/bench_overhead.py --device cuda --json out.json
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from bench_loss import (DTYPES, environment, fused_loss, fused_two_pass_loss, make_inputs,
+                        make_liger_loss, reference_loss)
+
+SHAPES = "4x16,256x1024"
+
+
+def per_call_seconds(fn, device, calls, trials, warmup):
+    for _ in range(warmup):
+        fn()
+    means = []
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        means.append((time.perf_counter() - t0) / calls)
+    return min(means)
+
+
+def bench_shape(n, vocab, dtype, device, contenders, calls, trials, warmup):
+    # One row more than needed: Liger reads one position past the last token.
+    logits_all, targets, old = make_inputs(n + 1, vocab, dtype, device)
+    targets, old = targets[:n].contiguous(), old[:n].contiguous()
+    rows = []
+    for name, loss_fn in contenders.items():
+        x = (logits_all if name == "liger" else logits_all[:n]).detach().requires_grad_(True)
+
+        def evaluate(x=x, loss_fn=loss_fn):
+            with torch.no_grad():
+                loss_fn(x, targets, old)
+
+        def train_step(x=x, loss_fn=loss_fn):
+            x.grad = None
+            loss_fn(x, targets, old).backward()
+
+        rows.append(dict(name=name, n=n, vocab=vocab,
+                         eval_s=per_call_seconds(evaluate, device, calls, trials, warmup),
+                         step_s=per_call_seconds(train_step, device, calls, trials, warmup)))
+    fused = rows[0]
+    for r in rows:
+        r["step_vs_fused"] = r["step_s"] / fused["step_s"]
+    return rows
+
+
+def markdown_table(rows):
+    lines = ["| N x V | contender | eval forward us | forward+backward us | fwd+bwd vs fused |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['n']} x {r['vocab']} | {r['name']} | {r['eval_s'] * 1e6:.0f} | "
+                     f"{r['step_s'] * 1e6:.0f} | {r['step_vs_fused']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--shapes", default=SHAPES, help="comma-separated NxV list")
+    p.add_argument("--calls", type=int, default=200, help="back-to-back calls per trial")
+    p.add_argument("--trials", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--json", default=None, help="write results here (default: print only)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    contenders = {"fused": fused_loss, "fused_two_pass": fused_two_pass_loss,
+                  "reference": reference_loss}
+    if device.type == "cuda":
+        liger = make_liger_loss()
+        if liger is not None:
+            contenders["liger"] = liger
+    env = environment(device)
+    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
+          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        n, vocab = (int(v) for v in shape.lower().split("x"))
+        rows += bench_shape(n, vocab, dtype, device, contenders, args.calls, args.trials,
+                            args.warmup)
+    print(markdown_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, dtype=str(dtype), calls=args.calls,
+                           trials=args.trials, rows=rows), f, indent=1)
+        print(f"\nwrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
