@@ -7,10 +7,14 @@ import torch
 pytest.importorskip("transformers")
 
 import psft_ext  # noqa: E402
-from integration_helpers import TokenDataset, pad_collate, tiny_model  # noqa: E402
+from integration_helpers import (  # noqa: E402
+    TokenDataset,
+    pad_collate,
+    spy_accumulate_float32,
+    tiny_model,
+)
 from integration_helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 from psft_ext import reference  # noqa: E402
-from psft_ext.integrations import causal_lm as causal_lm_module  # noqa: E402
 from psft_ext.integrations.causal_lm import CausalLMPSFT, batch_targets, count_targets  # noqa: E402
 from psft_ext.integrations.old_policy import OldPolicyGroups, compute_old_logprobs  # noqa: E402
 
@@ -51,14 +55,7 @@ def test_fused_path_equals_logits_path(kind, tied):
 
 
 def test_accumulate_float32_reaches_linear_psft_loss(monkeypatch):
-    seen = []
-    real = causal_lm_module.linear_psft_loss
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("accumulate_float32", "not passed"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(causal_lm_module, "linear_psft_loss", spy)
+    seen = spy_accumulate_float32(monkeypatch)
     model = tiny_model()
     batch = pad_collate([TokenDataset()[i] for i in range(2)])
     for head in (CausalLMPSFT(), CausalLMPSFT(accumulate_float32=False),

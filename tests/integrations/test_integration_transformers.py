@@ -20,10 +20,10 @@ from integration_helpers import (  # noqa: E402
     pad_collate,
     params_of,
     psft_args,
+    spy_accumulate_float32,
     tiny_model,
     train_logs,
 )
-from psft_ext.integrations import causal_lm as causal_lm_module  # noqa: E402
 from psft_ext.integrations.causal_lm import CausalLMPSFT  # noqa: E402
 from psft_ext.integrations.old_policy import OLD_LOGPROBS_KEY, compute_old_logprobs  # noqa: E402
 from psft_ext.integrations.transformers import (  # noqa: E402
@@ -362,14 +362,7 @@ def test_fused_linear_accumulate_float32_round_trips(tmp_path):
 
 @pytest.mark.parametrize("accumulate", [True, False])
 def test_fused_linear_accumulate_float32_reaches_the_loss(tmp_path, monkeypatch, accumulate):
-    seen = []
-    real = causal_lm_module.linear_psft_loss
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("accumulate_float32", "not passed"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(causal_lm_module, "linear_psft_loss", spy)
+    seen = spy_accumulate_float32(monkeypatch)
     trainer = make_trainer(tmp_path, max_steps=1, fused_linear_accumulate_float32=accumulate)
     assert trainer.psft_head.accumulate_float32 is accumulate
     trainer.train()
