@@ -115,7 +115,8 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
 // psft_forward_backward: the gradient was formed in the forward for the upstream gradient
 // `grad_loss` the caller expected; rows whose actual one differs are rescaled in place (for the
 // usual loss.backward() every factor is exactly 1 and nothing is touched). The logits are not
-// kept.
+// kept. scale_rows_ is an op declared as mutating, so AOT autograd functionalizes it rather than
+// meet an in-place update of a saved tensor.
 struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwardFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
                                const OptTensor& old_logprobs, const OptTensor& advantages,

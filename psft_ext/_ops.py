@@ -4,9 +4,9 @@ The C++ library (csrc/psft_ops.cpp) defines the ops of the ``psft_ext`` namespac
 ``psft_forward`` / ``psft_backward`` (the two-pass pair), ``psft_forward_backward`` (one pass that
 also returns the gradient for an expected upstream gradient), its in-place variant
 ``psft_forward_backward_`` and the backward's ``psft_backward_`` (both write the gradient over
-the logits), ``scale_rows_`` and ``token_logprobs``. Registering fake kernels and autograd
-here, through ``torch.library``, is what lets ``torch.compile`` trace callers without graph breaks
-and lets ``torch.library.opcheck`` verify the ops. The autograd of the two differentiable ops
+the logits), ``scale_rows_`` and ``token_logprobs``. Registering their fake kernels here,
+through ``torch.library``, is what lets ``torch.compile`` trace callers without graph breaks and
+lets ``torch.library.opcheck`` verify the ops. The autograd of the two differentiable ops
 (``psft_forward`` and ``psft_forward_backward``) is registered in C++ (csrc/psft_autograd.cpp):
 torch.library's Python autograd wrapper cost about 150 us per call for these ops.
 """
