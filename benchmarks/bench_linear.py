@@ -27,7 +27,6 @@ resident set (see bench_loss.py).
 import argparse
 import ctypes
 import gc
-import json
 import os
 import sys
 import time
@@ -36,7 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import (  # noqa: E402
-    IGNORED_SHARE, _mib, environment, peak_extra_memory, time_median)
+    IGNORED_SHARE, _mib, add_common_arguments, device_and_dtype, environment, parse_shapes,
+    peak_extra_memory, print_header, time_median, write_json)
 
 import psft_ext  # noqa: E402
 from psft_ext import linear as psft_linear  # noqa: E402
@@ -44,7 +44,6 @@ from psft_ext import reference  # noqa: E402
 
 CPU_SHAPES = "2048x1024x32000"
 CUDA_SHAPES = "4096x4096x128256,4096x4096x151936,16384x4096x128256,16384x4096x151936"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def mmap_large_allocations():
@@ -229,10 +228,7 @@ def markdown_table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of hidden and weight (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--shapes", default=None, help="comma-separated NxHxV list")
+    add_common_arguments(p, "hidden and weight", shapes_form="NxHxV")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="rows per chunk of the fused linear loss (default: its automatic choice)")
     p.add_argument("--contenders", default=None,
@@ -242,16 +238,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    p.add_argument("--json", default=None, help="write results here (default: print only)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    device, dtype = device_and_dtype(args)
     cuda = device.type == "cuda"
     if not cuda:
         mmap_large_allocations()
-    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    shapes = [tuple(int(v) for v in s.lower().split("x"))
-              for s in (args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)).split(",") if s]
+    shapes = parse_shapes(args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))
     reps = args.reps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
 
@@ -275,23 +268,19 @@ def main(argv=None):
             contenders[name] = fn
 
     env = environment(device)
-    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
-          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+    print_header(env, dtype)
     rows = []
-    for n, hidden_size, vocab in shapes:
+    for i, (n, hidden_size, vocab) in enumerate(shapes):
         t0 = time.perf_counter()
         shape_rows = bench_shape(n, hidden_size, vocab, dtype, device, contenders, reps, warmup,
                                  not args.no_memory, args.chunk_size)
         rows += shape_rows
         print(markdown_table(shape_rows).split("\n", 2)[2],
               f"  <!-- {time.perf_counter() - t0:.0f}s -->", flush=True)
+        write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype), reps=reps,
+                   rows=rows)
     print()
     print(markdown_table(rows))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, rows=rows), f, indent=1)
-        print(f"\nwrote {args.json}")
     return rows
 
 

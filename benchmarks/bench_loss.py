@@ -309,26 +309,62 @@ def environment(device):
     return env
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# ----------------------------------------------------------------------------- command line and output
+# Shared by the three benchmark scripts (bench_loss, bench_linear, bench_overhead).
+
+def add_common_arguments(p, item, shapes_default=None, shapes_form="NxV"):
+    """--device, --dtype, --shapes and --json, the options every benchmark script takes."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--shapes", default=None, help="comma-separated NxV list")
+                   help=f"{item} dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--shapes", default=shapes_default, help=f"comma-separated {shapes_form} list")
+    p.add_argument("--json", default=None,
+                   help="write results here, after every shape (default: print only)")
+
+
+def device_and_dtype(args):
+    device = torch.device(args.device)
+    return device, DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+
+
+def parse_shapes(text):
+    """"4096x32000,16384x151936" -> [(4096, 32000), (16384, 151936)] (any number of factors)."""
+    return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s]
+
+
+def print_header(env, dtype):
+    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
+          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+
+
+def write_json(path, complete, **payload):
+    """Writes the results so far (``complete`` False until the last shape is in): a run cut short
+    by a time limit still leaves every shape it finished. Replaced atomically."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(payload, complete=complete), f, indent=1)
+    os.replace(tmp, path)
+    if complete:
+        print(f"\nwrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(p, "logits")
     p.add_argument("--peers", default="compile,liger,copy",
                    help="CUDA extras among compile,liger,copy (comma-separated; '' for none)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--no-reference", action="store_true", help="time the fused loss only")
-    p.add_argument("--json", default=None, help="write results here (default: print only)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    device, dtype = device_and_dtype(args)
     cuda = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    shapes = [tuple(int(v) for v in s.lower().split("x"))
-              for s in (args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)).split(",") if s]
+    shapes = parse_shapes(args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))
     reps = args.reps or (20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
 
@@ -346,23 +382,19 @@ def main(argv=None):
         contenders["copy"] = None
 
     env = environment(device)
-    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
-          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+    print_header(env, dtype)
     rows = []
-    for n, vocab in shapes:
+    for i, (n, vocab) in enumerate(shapes):
         t0 = time.perf_counter()
         shape_rows = bench_shape(n, vocab, dtype, device, contenders, reps, warmup,
                                  with_memory=not args.no_memory)
         rows += shape_rows
         print(markdown_table(shape_rows).split("\n", 2)[2], f"  <!-- {time.perf_counter() - t0:.0f}s -->",
               flush=True)
+        write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype), reps=reps,
+                   rows=rows)
     print()
     print(markdown_table(rows))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, dtype=str(dtype), reps=reps, rows=rows), f, indent=1)
-        print(f"\nwrote {args.json}")
     return rows
 
 

@@ -21,14 +21,13 @@ percent from run to run).
 """
 
 import argparse
-import json
-import os
 import time
 
 import torch
 
-from bench_loss import (DTYPES, environment, fused_loss, fused_two_pass_loss, make_inputs,
-                        make_liger_loss, reference_loss)
+from bench_loss import (add_common_arguments, device_and_dtype, environment, fused_loss,
+                        fused_two_pass_loss, make_inputs, make_liger_loss, parse_shapes,
+                        print_header, reference_loss, write_json)
 
 SHAPES = "4x16,256x1024"
 
@@ -85,18 +84,13 @@ def markdown_table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--shapes", default=SHAPES, help="comma-separated NxV list")
+    add_common_arguments(p, "logits", shapes_default=SHAPES)
     p.add_argument("--calls", type=int, default=200, help="back-to-back calls per trial")
     p.add_argument("--trials", type=int, default=15)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--json", default=None, help="write results here (default: print only)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    device, dtype = device_and_dtype(args)
     contenders = {"fused": fused_loss, "fused_two_pass": fused_two_pass_loss,
                   "reference": reference_loss}
     if device.type == "cuda":
@@ -104,20 +98,15 @@ def main(argv=None):
         if liger is not None:
             contenders["liger"] = liger
     env = environment(device)
-    print(f"# {env.get('gpu', env['cpu'])}, torch {env['torch']}, {dtype}, "
-          f"{env['cpu_threads']} CPU threads, {env['date']}", flush=True)
+    print_header(env, dtype)
     rows = []
-    for shape in args.shapes.split(","):
-        n, vocab = (int(v) for v in shape.lower().split("x"))
+    shapes = parse_shapes(args.shapes)
+    for i, (n, vocab) in enumerate(shapes):
         rows += bench_shape(n, vocab, dtype, device, contenders, args.calls, args.trials,
                             args.warmup)
+        write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype),
+                   calls=args.calls, trials=args.trials, rows=rows)
     print(markdown_table(rows))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, dtype=str(dtype), calls=args.calls,
-                           trials=args.trials, rows=rows), f, indent=1)
-        print(f"\nwrote {args.json}")
     return rows
 
 

@@ -2,8 +2,12 @@
 # Everything a GPU session checks, in one go, for a lent GPU machine with a CUDA torch:
 # build the extension for the local GPU, run the test suite on CUDA, run a small workload under
 # compute-sanitizer, then the benchmarks (per-call overhead, the loss, the fused linear loss).
-# Each stage has a time limit and writes its log under $OUT (default ./gpu_out), so a failing
-# stage never hides the others.
+# Each stage writes its log under $OUT (default ./gpu_out), so a failing stage never hides the
+# others, and has a time limit cut to fit BUDGET (seconds for the whole script, default 540: the
+# device tool runs one command for at most 600 s), keeping a reserve for the stages after it. The
+# stages run by value: the build, the CUDA tests, memcheck, the loss benchmark (the issue's bars),
+# the fused linear benchmark, the per-call overhead, racecheck last. The benchmarks write their
+# JSON after every shape, so one cut short still returns the shapes it finished.
 #   OUT=/tmp/out bash benchmarks/run_gpu_checks.sh [stage ...]
 # Stages: build test sanitize bench (default: all, in that order). A later call on the same machine
 # can run `bench` alone: the editable install from `build` stays in place.
@@ -20,8 +24,22 @@ export PSFT_EXT_SM90_SINGLE_PASS=${PSFT_EXT_SM90_SINGLE_PASS:-1}
 # The repository root on the path too, so the scripts under benchmarks/ import the in-place build.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 STAGES=" ${*:-build test sanitize bench} "
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+BUDGET=${BUDGET:-540}
+log() { echo "== $(date +%T) [$SECONDS s] $*" | tee -a "$OUT/summary.txt"; }
 want() { [[ "$STAGES" == *" $1 "* ]]; }
+# limit WANT RESERVE: seconds for the next step, at most WANT, leaving RESERVE for what follows;
+# prints 0 when fewer than 20 s would be left for it.
+limit() {
+  local t=$(( BUDGET - SECONDS - $2 )); (( t > $1 )) && t=$1
+  (( t < 20 )) && t=0
+  echo $t
+}
+# timed NAME WANT RESERVE CMD...: runs CMD under that limit, or logs that it was skipped.
+timed() {
+  local name=$1 t; t=$(limit "$2" "$3"); shift 3
+  if (( t == 0 )); then log "$name SKIPPED: out of time"; return 124; fi
+  timeout "$t" "$@"
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   nvcc --version | tail -2; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
@@ -36,7 +54,7 @@ fi
 if want build; then
 log "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0a})"
 export TORCH_CUDA_ARCH_LIST
-if ! timeout 420 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+if ! timed build 360 150 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
 fi
 grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
@@ -45,40 +63,43 @@ python3 -c "import psft_ext, json; print(json.dumps(psft_ext.build_info()))" | t
 
 if want test; then
 log "pytest (the CUDA tests; the CPU ones run in CI)"
-timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -n 8 --maxfail=20 --continue-on-collection-errors -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} \
+timed pytest "${PYTEST_TIMEOUT:-200}" 240 python3 -m pytest -q -n 8 --maxfail=20 --continue-on-collection-errors -p no:cacheprovider tests ${PYTEST_ARGS:--k cuda} \
   >"$OUT/pytest.log" 2>&1
 log "pytest exit $?: $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 fi
 
+# sanitize TOOL WANT RESERVE: one compute-sanitizer pass over the small workload.
+sanitize() {
+  timed "sanitizer $1" "$2" "$3" compute-sanitizer --tool "$1" --error-exitcode 9 \
+    python3 benchmarks/sanitizer_workload.py >>"$OUT/sanitizer.log" 2>&1
+  log "sanitizer $1 exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)"
+}
 if want sanitize; then
-log "compute-sanitizer memcheck + racecheck on a small workload"
-for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-  timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitizer_workload.py \
-    >>"$OUT/sanitizer.log" 2>&1
-  log "sanitizer $tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tail -1)"
-done
+log "compute-sanitizer memcheck on a small workload (racecheck runs last)"
+sanitize memcheck 120 200
 fi
 
 if want bench; then
-log "bench_overhead (fixed cost per call, tiny shapes)"
-timeout 120 python3 benchmarks/bench_overhead.py --device cuda \
-  --json "$OUT/bench_overhead_cuda.json" >"$OUT/bench_overhead_cuda.md" 2>&1
-log "bench_overhead exit $?"
-tail -12 "$OUT/bench_overhead_cuda.md"
-
 log "bench_loss"
-timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_loss.py --device cuda --reps 10 --warmup 2 \
+timed bench_loss "${BENCH_TIMEOUT:-300}" 90 python3 benchmarks/bench_loss.py --device cuda --reps 10 --warmup 2 \
   --json "$OUT/bench_loss_cuda.json" >"$OUT/bench_loss_cuda.md" 2>&1
 log "bench_loss exit $?"
 tail -40 "$OUT/bench_loss_cuda.md"
 
 if [ -f benchmarks/bench_linear.py ]; then
   log "bench_linear"
-  timeout "${BENCH_LINEAR_TIMEOUT:-240}" python3 benchmarks/bench_linear.py --device cuda \
+  timed bench_linear "${BENCH_LINEAR_TIMEOUT:-180}" 30 python3 benchmarks/bench_linear.py --device cuda \
     --json "$OUT/bench_linear_cuda.json" >"$OUT/bench_linear_cuda.md" 2>&1
   log "bench_linear exit $?"
   tail -20 "$OUT/bench_linear_cuda.md"
 fi
+
+log "bench_overhead (fixed cost per call, tiny shapes)"
+timed bench_overhead 60 0 python3 benchmarks/bench_overhead.py --device cuda --trials 7 \
+  --json "$OUT/bench_overhead_cuda.json" >"$OUT/bench_overhead_cuda.md" 2>&1
+log "bench_overhead exit $?"
+tail -12 "$OUT/bench_overhead_cuda.md"
 fi
+if want sanitize; then sanitize racecheck 240 0; fi
 log "done"
