@@ -1,5 +1,5 @@
-// Autograd of the two differentiable ops, psft_forward and psft_forward_backward, registered for
-// every device under the Autograd key.
+// Autograd of the three differentiable ops, psft_forward, psft_forward_backward and
+// psft_loss_reduced, registered for every device under the Autograd key.
 //
 // Why in C++ and not with torch.library.register_autograd (the fakes stay in Python, _ops.py):
 // torch.library's Python autograd wrapper costs about 150 us per call for these 11-argument ops
@@ -29,6 +29,7 @@ using ForwardOutputs =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardBackwardOutputs =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ReducedOutputs = std::tuple<Tensor, Tensor, Tensor>;  // loss, metrics, grad
 
 // The schema's arguments after logits and targets, shared by both ops.
 struct LossArgs {
@@ -68,6 +69,20 @@ Tensor call_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor
                              .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
                                            const Tensor&, const Tensor&, int64_t, double)>();
   return op.call(grad_loss, logits, targets, lse, coef, ignore_index, temperature);
+}
+
+ReducedOutputs call_loss_reduced(const Tensor& logits, const Tensor& targets, const LossArgs& a,
+                                 const OptTensor& denominator, double denominator_value,
+                                 bool with_grad, bool with_metrics) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::psft_loss_reduced", "")
+          .typed<ReducedOutputs(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                double, double, double, double, int64_t, double,
+                                const OptTensor&, double, bool, bool)>();
+  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
+                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature, denominator,
+                 denominator_value, with_grad, with_metrics);
 }
 
 void call_scale_rows(Tensor& grad, const Tensor& factor) {
@@ -151,6 +166,48 @@ struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwar
   }
 };
 
+// psft_loss_reduced: one node for the whole reduced loss. The gradient was written in the forward
+// for an upstream gradient of 1; the backward scales it by the actual one (scale_rows_ skips the
+// rows when that is exactly 1, as for loss.backward()). Without with_grad there is no gradient to
+// hand back, and a backward through the loss is an error rather than a silent zero.
+struct ReducedLossFunction : public torch::autograd::Function<ReducedLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
+                               const OptTensor& old_logprobs, const OptTensor& advantages,
+                               double advantage, double clip_low, double clip_high,
+                               double dual_clip, int64_t ignore_index, double temperature,
+                               const OptTensor& denominator, double denominator_value,
+                               bool with_grad, bool with_metrics) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
+                        clip_high,    dual_clip,  ignore_index, temperature};
+    const ReducedOutputs o = call_loss_reduced(logits, targets, args, denominator,
+                                               denominator_value, with_grad, with_metrics);
+    variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o)};
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({out[1], out[2]});
+    ctx->save_for_backward({out[2]});
+    ctx->saved_data["with_grad"] = with_grad;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(14);
+    if (!grads[0].defined()) return result;
+    TORCH_CHECK(ctx->saved_data["with_grad"].toBool(),
+                "psft_loss_reduced: backward through a loss computed with with_grad=False "
+                "(call it with with_grad=True when the logits need a gradient)");
+    Tensor grad_logits = ctx->get_saved_variables()[0];
+    // The factor is expanded to the gradient's first dimension as a SymInt: under
+    // torch.compile with dynamic shapes it is symbolic.
+    call_scale_rows(grad_logits,
+                    grads[0].to(at::kFloat).expand_symint({grad_logits.sym_size(0)}));
+    // As in ForwardBackwardFunction: a second backward fails the version check.
+    torch::autograd::impl::bump_version(grad_logits);
+    result[0] = grad_logits;
+    return result;
+  }
+};
+
 ForwardOutputs psft_forward_autograd(const Tensor& logits, const Tensor& targets,
                                      const OptTensor& old_logprobs, const OptTensor& advantages,
                                      double advantage, double clip_low, double clip_high,
@@ -172,10 +229,22 @@ ForwardBackwardOutputs psft_forward_backward_autograd(
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
+ReducedOutputs psft_loss_reduced_autograd(
+    const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
+    const OptTensor& advantages, double advantage, double clip_low, double clip_high,
+    double dual_clip, int64_t ignore_index, double temperature, const OptTensor& denominator,
+    double denominator_value, bool with_grad, bool with_metrics) {
+  const variable_list o = ReducedLossFunction::apply(
+      logits, targets, old_logprobs, advantages, advantage, clip_low, clip_high, dual_clip,
+      ignore_index, temperature, denominator, denominator_value, with_grad, with_metrics);
+  return {o[0], o[1], o[2]};
+}
+
 }  // namespace
 }  // namespace psft
 
 TORCH_LIBRARY_IMPL(psft_ext, Autograd, m) {
+  m.impl("psft_loss_reduced", &psft::psft_loss_reduced_autograd);
   m.impl("psft_forward", &psft::psft_forward_autograd);
   m.impl("psft_forward_backward", &psft::psft_forward_backward_autograd);
 }

@@ -1,8 +1,8 @@
 // Op schemas of the psft_ext library and the Python module stub.
 //
 // The schemas live here; the CPU kernels register their implementations in
-// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp, autograd in
-// csrc/psft_autograd.cpp. Fake (meta) kernels are registered from Python (psft_ext/_ops.py), so the
+// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp, the device-generic
+// psft_loss_reduced in csrc/psft_reduced.cpp, autograd in csrc/psft_autograd.cpp. Fake (meta) kernels are registered from Python (psft_ext/_ops.py), so the
 // ops work under torch.compile.
 #include <Python.h>
 #include <torch/library.h>
@@ -69,6 +69,18 @@ TORCH_LIBRARY(psft_ext, m) {
       "Tensor? advantages, float advantage, float clip_low, float clip_high, float dual_clip, "
       "int ignore_index, float temperature, Tensor grad_loss) -> (Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor)");
+  // The loss reduced to one number in one op (psft_ext.psft_loss's "mean" and "sum"; the steps
+  // are in csrc/psft_reduced.cpp): sum_t loss[t] / den with den = denominator (a one-element
+  // tensor) if given, else denominator_value if > 0 (1 for a sum), else max(num_tokens, 1).
+  // Returns (loss, metrics, grad). metrics (with_metrics; else empty) is float32 (6,): the token
+  // means of -logp, entropy, clipped, -log_ratio and ratio, then num_tokens (PSFTMetrics' order).
+  // grad (with_grad; else empty) is d loss / d logits, written in the same pass over the logits
+  // for an upstream gradient of 1; the backward rescales it when the actual one differs.
+  m.def(
+      "psft_loss_reduced(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
+      "float advantage, float clip_low, float clip_high, float dual_clip, int ignore_index, "
+      "float temperature, Tensor? denominator, float denominator_value, bool with_grad, "
+      "bool with_metrics) -> (Tensor, Tensor, Tensor)");
   // grad[r, :] *= factor[r] in place, for the rows whose factor is not exactly 1 (the others are
   // not touched: the usual loss.backward() costs no pass over the gradient).
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");

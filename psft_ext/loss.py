@@ -221,31 +221,37 @@ def psft_loss(
     args = (flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low),
             float(clip_high), 0.0 if dual_clip is None else float(dual_clip), ignore_index,
             float(temperature))
-    num_tokens = (flat_targets != ignore_index).sum()
-    den = None
-    if reduction == "mean":
-        den = _mean_denominator(num_items, num_tokens, flat_logits.device, fn)
-    if reduction != "none" and torch.is_grad_enabled() and logits.requires_grad:
-        # One pass: the gradient is formed with the forward, for the upstream gradient that
-        # loss.backward() gives each token (1 / den, bitwise what autograd computes through the
-        # division below, or 1); the backward only rescales rows if it turns out different.
-        n = flat_targets.shape[0]
-        one = torch.ones((), dtype=torch.float32, device=flat_logits.device)
-        expected = (one if den is None else one / den).expand(n)
-        outs = ops.psft_forward_backward(*args, expected)
-    else:
-        outs = ops.psft_forward(*args)
-    loss, logp, entropy, ratio, log_ratio, clipped = outs[:6]
-
     if reduction == "none":
+        loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
         out = loss.view(targets.shape)
-    elif reduction == "sum":
-        out = loss.sum()
+        if not return_metrics:
+            return out
+        num_tokens = (flat_targets != ignore_index).sum()
     else:
-        out = loss.sum() / den
-    if not return_metrics:
-        return out
+        # One op (csrc/psft_reduced.cpp): the count, the denominator, the forward and, when the
+        # logits need a gradient, that gradient, written in the same pass over the logits for
+        # the upstream gradient loss.backward() gives (the backward only rescales it if the
+        # actual one differs; the logits are not kept for it).
+        # The metrics come from the same op, as one (6,) tensor in PSFTMetrics' order.
+        denominator, denominator_value = _reduction_denominator(reduction, num_items, fn)
+        with_grad = torch.is_grad_enabled() and logits.requires_grad
+        out, metrics, _ = ops.psft_loss_reduced(*args, denominator, denominator_value,
+                                                with_grad, bool(return_metrics))
+        return (out, PSFTMetrics(*metrics.unbind())) if return_metrics else out
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)
+
+
+def _reduction_denominator(reduction, num_items, fn):
+    """psft_loss_reduced's (denominator, denominator_value): a tensor num_items (a constant, no
+    gradient), a positive number, 1 for "sum", or (None, 0.0): the count of non-ignored tokens."""
+    if reduction == "sum":
+        return None, 1.0
+    if num_items is None:
+        return None, 0.0
+    if isinstance(num_items, torch.Tensor):
+        return num_items.detach(), 0.0
+    _check_finite("num_items", num_items, fn, low=0.0)
+    return None, float(num_items)
 
 
 def token_logprobs(

@@ -302,16 +302,18 @@ std::tuple<ForwardResult, at::Tensor> forward_backward(
 
 void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor_in) {
   check_scale_rows_inputs(grad, factor_in, "scale_rows_");
-  const at::Tensor factor = factor_in.contiguous();
-  const float* f = factor.data_ptr<float>();
+  // Read with its stride: an expanded scalar (stride 0) needs no copy.
+  const float* factor = factor_in.data_ptr<float>();
+  const int64_t factor_stride = factor_in.stride(0);
   const int64_t n = grad.size(0), vocab = grad.size(1);
   PSFT_DISPATCH_LOGITS(grad.scalar_type(), "scale_rows_", [&] {
     scalar_t* base = grad.data_ptr<scalar_t>();
     at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        if (f[r] == 1.0f) continue;
+        const float f = factor[r * factor_stride];
+        if (f == 1.0f) continue;
         scalar_t* row = base + r * vocab;
-        for (int64_t j = 0; j < vocab; ++j) row[j] = from_float<scalar_t>(to_float(row[j]) * f[r]);
+        for (int64_t j = 0; j < vocab; ++j) row[j] = from_float<scalar_t>(to_float(row[j]) * f);
       }
     });
   });

@@ -210,9 +210,10 @@ void scale_rows_cuda(at::Tensor& grad, const at::Tensor& factor_in) {
   const c10::cuda::CUDAGuard device_guard(grad.device());
   check_scale_rows_inputs(grad, factor_in, op);
   if (grad.numel() == 0) return;
-  const at::Tensor factor = factor_in.contiguous();
+  // Read with its stride: an expanded scalar (stride 0) needs no copy.
   check_launch(launch_scale_rows(grad.data_ptr(), dtype_of(grad, op), grad.size(0), grad.size(1),
-                                 factor.data_ptr<float>(), current_stream()),
+                                 factor_in.data_ptr<float>(), factor_in.stride(0),
+                                 current_stream()),
                op);
 }
 

@@ -74,10 +74,11 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
 // launch).
 bool psft_forward_backward_supported(int device, DType dtype, int64_t vocab);
 
-// grad[r, :] *= factor[r] for the rows of a dense (rows x vocab) gradient, in place, skipping
-// the rows whose factor is exactly 1 (read on the device: the host never waits).
+// grad[r, :] *= factor[r * factor_stride] for the rows of a dense (rows x vocab) gradient, in
+// place, skipping the rows whose factor is exactly 1 (read on the device: the host never waits).
+// factor_stride 0 is one factor for every row (an expanded scalar, the usual upstream gradient).
 cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t vocab,
-                              const float* factor, cudaStream_t stream);
+                              const float* factor, int64_t factor_stride, cudaStream_t stream);
 
 // first_bad (one int64 on the device) = the smallest row whose target is neither ignore_index nor
 // in [0, vocab), or -1 if there is none. Asynchronous: the caller reads it back.

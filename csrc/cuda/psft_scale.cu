@@ -26,11 +26,11 @@ __device__ __forceinline__ void scale_element(T* p, float scale) {
 template <typename T>
 __global__ void __launch_bounds__(kScaleThreads)
     scale_rows_kernel(T* __restrict__ grad, int64_t rows, int64_t vocab,
-                      const float* __restrict__ factor) {
+                      const float* __restrict__ factor, int64_t factor_stride) {
   constexpr int kElems = Vec<T>::kElems;
   const int tid = static_cast<int>(threadIdx.x);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const float scale = __ldg(factor + row);
+    const float scale = __ldg(factor + row * factor_stride);
     if (scale == 1.0f) continue;  // a NaN factor is not 1 and propagates
     T* out = grad + row * vocab;
     const RowSplit split = split_row<T>(out, vocab);
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kScaleThreads)
 }  // namespace
 
 cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t vocab,
-                              const float* factor, cudaStream_t stream) {
+                              const float* factor, int64_t factor_stride, cudaStream_t stream) {
   const bool empty = rows == 0 || vocab == 0;
   if (rows < 0 || vocab < 0 || (!empty && (grad == nullptr || factor == nullptr))) {
     return cudaErrorInvalidValue;
@@ -78,7 +78,7 @@ cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t rows, int64_t voc
   const unsigned int blocks = static_cast<unsigned int>(rows < cap ? rows : cap);
   return PSFT_DTYPE_SWITCH(dtype, T, [&] {
     scale_rows_kernel<T><<<blocks, kScaleThreads, 0, stream>>>(static_cast<T*>(grad), rows, vocab,
-                                                               factor);
+                                                               factor, factor_stride);
     return cudaGetLastError();
   });
 }
