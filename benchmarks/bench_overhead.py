@@ -6,6 +6,7 @@ this host time is only hidden while the device is still busy with earlier work; 
 batches fall short of the bandwidth a large one reaches. Contenders as in bench_loss.py:
 
   - fused:          psft_ext.psft_loss (single pass when a gradient is needed)
+  - fused_metrics:  the same with return_metrics=True, as the trainer integrations call it
   - fused_two_pass: the same loss through the two-kernel pair
   - reference:      psft_ext.reference.psft_loss, eager PyTorch
   - liger:          Liger-Kernel's GRPO loss (CUDA, when installed)
@@ -25,11 +26,18 @@ import time
 
 import torch
 
+import psft_ext
+
 from bench_loss import (add_common_arguments, device_and_dtype, environment, fused_loss,
                         fused_two_pass_loss, make_inputs, make_liger_loss, parse_shapes,
                         print_header, reference_loss, write_json)
 
 SHAPES = "4x16,256x1024"
+
+
+def fused_metrics_loss(logits, targets, old):
+    loss, _ = psft_ext.psft_loss(logits, targets, old, return_metrics=True)
+    return loss
 
 
 def per_call_seconds(fn, device, calls, trials, warmup):
@@ -91,8 +99,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device, dtype = device_and_dtype(args)
-    contenders = {"fused": fused_loss, "fused_two_pass": fused_two_pass_loss,
-                  "reference": reference_loss}
+    contenders = {"fused": fused_loss, "fused_metrics": fused_metrics_loss,
+                  "fused_two_pass": fused_two_pass_loss, "reference": reference_loss}
     if device.type == "cuda":
         liger = make_liger_loss()
         if liger is not None:
