@@ -21,8 +21,10 @@ def test_bench_overhead_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))
     rows = res["rows"]
-    assert [(row["n"], row["vocab"]) for row in rows[:3]] == [(3, 10)] * 3
-    assert {row["name"] for row in rows} == {"fused", "fused_two_pass", "reference"}
+    names = {"fused", "fused_metrics", "fused_two_pass", "reference"}
+    assert [(row["n"], row["vocab"]) for row in rows[:4]] == [(3, 10)] * 4
+    assert {row["name"] for row in rows} == names and len(rows) == 2 * len(names)
+    assert res["complete"]
     for row in rows:
         assert row["eval_s"] > 0 and row["step_s"] > 0
     fused = [row for row in rows if row["name"] == "fused"]
