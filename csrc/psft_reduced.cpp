@@ -15,7 +15,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "psft_checks.h"
@@ -61,6 +63,15 @@ PerTokenAndGrad call_forward_backward(const Tensor& logits, const Tensor& target
                  ignore_index, temperature, grad_loss);
 }
 
+// The host loops apply to CPU tensors. PSFT_EXT_REDUCED_TENSOR_OPS=1 turns them off, so that the
+// CPU test suite also runs the tensor-op branch every other device takes (tests/
+// test_single_pass.py runs the reduced-loss tests both ways).
+bool use_host_loops(const Tensor& logits, const Tensor& targets) {
+  if (!logits.device().is_cpu() || !targets.device().is_cpu()) return false;
+  const char* env = std::getenv("PSFT_EXT_REDUCED_TENSOR_OPS");
+  return env == nullptr || std::string_view(env) != "1";
+}
+
 // Non-ignored targets on the host: a loop over the ids, no tensor op.
 int64_t count_tokens_cpu(const Tensor& targets_in, int64_t ignore_index) {
   const Tensor targets = targets_in.contiguous();
@@ -88,8 +99,8 @@ double sum_cpu(const Tensor& values) {
 // ops (one stacked sum instead of one reduction per metric).
 Tensor metrics_of(const Tensor& logp, const Tensor& entropy, const Tensor& clipped,
                   const Tensor& log_ratio, const Tensor& ratio, const Tensor& num_tokens,
-                  bool on_cpu, int64_t count_cpu) {
-  if (on_cpu) {
+                  bool host_loops, int64_t count_cpu) {
+  if (host_loops) {
     const double count = static_cast<double>(std::max<int64_t>(count_cpu, 1));
     Tensor m = at::empty({kMetrics}, logp.options());
     float* out = m.data_ptr<float>();
@@ -146,13 +157,13 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
   TORCH_CHECK_VALUE(targets.dim() == 1, op, ": targets must be 1-D (N,), got shape ",
                     str_of(targets.sizes()));
   const int64_t n = targets.size(0);
-  const bool on_cpu = logits.device().is_cpu() && targets.device().is_cpu();
+  const bool host_loops = use_host_loops(logits, targets);
   const auto f32 = logits.options().dtype(at::kFloat);
 
   Tensor num_tokens, den;  // device tensors (not on the CPU)
   int64_t count_cpu = 0;
   float den_cpu = 1.0f;
-  if (on_cpu) {
+  if (host_loops) {
     // Everything on the host: the count, the denominator, 1 / den.
     count_cpu = count_tokens_cpu(targets, ignore_index);
     if (denominator.has_value()) {
@@ -171,7 +182,7 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
   if (with_grad) {
     // The upstream gradient loss.backward() gives every token: 1 / den, as float32 (what
     // autograd would compute through sum / den); the backward rescales if it differs.
-    const Tensor expected = on_cpu ? at::full({n}, 1.0f / den_cpu, f32)
+    const Tensor expected = host_loops ? at::full({n}, 1.0f / den_cpu, f32)
                                    : at::reciprocal(den).expand({n}).contiguous();
     std::tie(loss, logp, entropy, ratio, log_ratio, clipped, lse, coef, grad) =
         call_forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
@@ -183,10 +194,10 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
     grad = at::empty({0}, logits.options());
   }
   const Tensor reduced =
-      on_cpu ? at::scalar_tensor(static_cast<float>(sum_cpu(loss)) / den_cpu, f32)
+      host_loops ? at::scalar_tensor(static_cast<float>(sum_cpu(loss)) / den_cpu, f32)
              : loss.sum().div_(den);
   const Tensor metrics = with_metrics ? metrics_of(logp, entropy, clipped, log_ratio, ratio,
-                                                   num_tokens, on_cpu, count_cpu)
+                                                   num_tokens, host_loops, count_cpu)
                                       : at::empty({0}, f32);
   return {reduced, metrics, grad};
 }

@@ -200,6 +200,18 @@ def make_case(
     )
 
 
+def loss_op_args(case, logits=None):
+    """A case's arguments of the loss ops (psft_forward's schema) with flat rows: logits (the
+    case's, detached, unless given), targets, old log-probs, per-token advantages, then the
+    scalars."""
+    x = case.logits.detach().reshape(-1, case.logits.shape[-1]) if logits is None else logits
+    dual = case.kwargs["dual_clip"]
+    return (x, case.targets.reshape(-1), case.old_logprobs.reshape(-1),
+            case.advantages.reshape(-1).float(), 1.0, case.kwargs["clip_low"],
+            case.kwargs["clip_high"], 0.0 if dual is None else dual, case.ignore_index,
+            case.kwargs["temperature"])
+
+
 def _check_margins(logp64, old, valid, clip_low, clip_high, dual_clip):
     ratio = torch.exp(logp64 - old.to(torch.float64))[valid]
     bounds = [1.0 - clip_low, 1.0 + clip_high] + ([dual_clip] if dual_clip is not None else [])
