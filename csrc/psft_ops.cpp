@@ -17,15 +17,25 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace psft {
+namespace cpu {
+// "avx2" or "baseline": the CPU row loops picked at run time (csrc/cpu/psft_cpu.cpp).
+const char* kernel_isa();
+}  // namespace cpu
+}  // namespace psft
+
 namespace {
 
 #ifndef PSFT_CUDA_ARCHS
 #define PSFT_CUDA_ARCHS ""
 #endif
 
-// Which kernels this binary holds, as JSON; psft_ext.build_info() adds the Python-side facts.
+// Which kernels this binary holds (and which CPU loops this process runs), as JSON;
+// psft_ext.build_info() adds the Python-side facts.
 std::string build_info() {
-  std::string info = "{\"cpu\": true, \"cuda\": ";
+  std::string info = "{\"cpu\": true, \"cpu_kernels\": \"";
+  info += psft::cpu::kernel_isa();
+  info += "\", \"cuda\": ";
 #ifdef PSFT_WITH_CUDA
   info += "true, \"cuda_archs\": \"" PSFT_CUDA_ARCHS "\"";
 #else

@@ -15,12 +15,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
-#include <string_view>
 #include <tuple>
 
 #include "psft_checks.h"
+#include "psft_env.h"
 
 namespace psft {
 namespace {
@@ -63,13 +62,12 @@ PerTokenAndGrad call_forward_backward(const Tensor& logits, const Tensor& target
                  ignore_index, temperature, grad_loss);
 }
 
-// The host loops apply to CPU tensors. PSFT_EXT_REDUCED_TENSOR_OPS=1 turns them off, so that the
-// CPU test suite also runs the tensor-op branch every other device takes (tests/
-// test_single_pass.py runs the reduced-loss tests both ways).
+// The host loops apply to CPU tensors. PSFT_EXT_REDUCED_TENSOR_OPS=1 (read at each call) turns
+// them off, so that the CPU test suite also runs the tensor-op branch every other device takes
+// (tests/test_loss_reduced.py runs its tests both ways).
 bool use_host_loops(const Tensor& logits, const Tensor& targets) {
-  if (!logits.device().is_cpu() || !targets.device().is_cpu()) return false;
-  const char* env = std::getenv("PSFT_EXT_REDUCED_TENSOR_OPS");
-  return env == nullptr || std::string_view(env) != "1";
+  return logits.device().is_cpu() && targets.device().is_cpu() &&
+         !env_flag("PSFT_EXT_REDUCED_TENSOR_OPS");
 }
 
 // Non-ignored targets on the host: a loop over the ids, no tensor op.

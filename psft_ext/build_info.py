@@ -8,7 +8,8 @@ from ._ops import ops
 
 
 def build_info() -> dict:
-    """Kernels in this build (CPU, CUDA and its archs), torch and CUDA versions, visible GPUs."""
+    """Kernels in this build (CPU, CUDA and its archs), the CPU row loops this process runs
+    ("avx2" or "baseline"), torch and CUDA versions, visible GPUs."""
     info = json.loads(ops.build_info())
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda

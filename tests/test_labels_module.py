@@ -117,10 +117,11 @@ def test_module_without_old_is_sft(device):
 
 def test_build_info():
     info = psft_ext.build_info()
-    for key in ("cpu", "cuda", "cuda_archs", "compiler", "torch", "torch_cuda", "cuda_available",
-                "gpus"):
+    for key in ("cpu", "cpu_kernels", "cuda", "cuda_archs", "compiler", "torch", "torch_cuda",
+                "cuda_available", "gpus"):
         assert key in info, key
     assert info["cpu"] is True
+    assert info["cpu_kernels"] in ("avx2", "baseline")
     assert isinstance(info["cuda"], bool)
     assert isinstance(info["cuda_archs"], str) and isinstance(info["compiler"], str)
     assert info["torch"] == torch.__version__

@@ -19,15 +19,18 @@
 #endif
 
 #include "../psft_checks.h"
+#include "../psft_env.h"
 #include "../psft_op_adapters.h"
 #include "../psft_math.h"
+#include "avx2_rows.h"
 #include "dtype_convert.h"
 #include "vec_exp.h"
 
-// Each row kernel is compiled twice on x86-64 (AVX2+FMA+F16C, and the baseline ISA) and picked at
-// run time from the CPU's features, so a build made anywhere runs fast on current CPUs and still
-// runs on old ones. (GCC's target_clones("arch=...") would dispatch on the CPU model name, which
-// misses e.g. AMD parts that have every AVX2 feature, hence the explicit check.)
+// Each row kernel exists twice on x86-64: AVX2+FMA+F16C intrinsics (avx2_rows.h) and the portable
+// loops below (the baseline ISA), picked at run time from the CPU's features, so a build made
+// anywhere runs fast on current CPUs and still runs on old ones. (GCC's target_clones("arch=...")
+// would dispatch on the CPU model name, which misses e.g. AMD parts that have every AVX2 feature,
+// hence the explicit check.)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PSFT_CPU_AVX2_PATH 1
 #define PSFT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -109,21 +112,23 @@ PSFT_ALWAYS_INLINE void row_grad_impl(const T* row, int64_t vocab, float inv_t, 
 }
 
 #ifdef PSFT_CPU_AVX2_PATH
+// PSFT_EXT_CPU_BASELINE=1 (read once) keeps the portable loops even where AVX2 is available, so
+// the tests can run both (tests/test_cpu_kernels.py).
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("f16c") && !env_flag("PSFT_EXT_CPU_BASELINE");
   return has;
 }
 
 template <typename T>
 PSFT_TARGET_AVX2 SoftmaxStats row_softmax_stats_avx2(const T* row, int64_t vocab, float inv_t) {
-  return row_softmax_stats_impl(row, vocab, inv_t);
+  return avx2::row_softmax_stats<kBlock>(row, vocab, inv_t);
 }
 
 template <typename T>
 PSFT_TARGET_AVX2 void row_grad_avx2(const T* row, int64_t vocab, float inv_t, float lse,
                                     float scale, int64_t target, T* grad) {
-  row_grad_impl(row, vocab, inv_t, lse, scale, target, grad);
+  avx2::row_grad(row, vocab, inv_t, lse, scale, target, grad);
 }
 #endif
 
@@ -412,6 +417,15 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_i
 }
 
 }  // namespace
+
+// Declared in psft_ops.cpp (build_info): which row loops this process runs.
+const char* kernel_isa() {
+#ifdef PSFT_CPU_AVX2_PATH
+  if (cpu_has_avx2()) return "avx2";
+#endif
+  return "baseline";
+}
+
 }  // namespace cpu
 }  // namespace psft
 

@@ -9,12 +9,11 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "../psft_checks.h"
+#include "../psft_env.h"
 #include "../psft_op_adapters.h"
 #include "psft_launch.h"
 
@@ -129,10 +128,7 @@ void launch_backward(const at::Tensor& grad_loss_in, const at::Tensor& logits,
 
 // The Hopper single-pass kernel is opt-in (PSFT_EXT_SM90_SINGLE_PASS=1, read at each call) until
 // it has been verified on a GPU; by default the two tested kernels run back to back.
-bool sm90_single_pass_enabled() {
-  const char* v = std::getenv("PSFT_EXT_SM90_SINGLE_PASS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
+bool sm90_single_pass_enabled() { return env_flag("PSFT_EXT_SM90_SINGLE_PASS"); }
 
 // psft_forward_backward(_): the outputs and the gradient of sum_t grad_loss[t] * loss[t], in one
 // pass where the single-pass kernel is enabled and applies (Hopper, rows that fit a cluster's
