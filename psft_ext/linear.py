@@ -427,8 +427,22 @@ def _forward_setup_context(ctx, inputs, output):
                                                                    "grad_bias"))
 def linear_scale_(grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor,
                   scale: Tensor) -> None:
-    """Multiplies the three gradients by the 0-d ``scale``, in place."""
+    """Multiplies the three gradients by the 0-d float32 ``scale``, in place."""
     for grad in (grad_hidden, grad_weight, grad_bias):
+        _scale_in_place(grad, scale)
+
+
+def _scale_in_place(grad, scale):
+    """``grad *= scale``, done by ``scale_rows_``, which reads the factor on the device and skips
+    every row when it is exactly 1 (the usual ``loss.backward()``): the host never waits, and
+    grad_weight (V x H, about a GPU millisecond per pass at V = 151936, H = 4096) is neither read
+    nor written for nothing. Other layouts and dtypes fall back to ``mul_``."""
+    if grad.numel() == 0:
+        return
+    if grad.dtype in LOGITS_DTYPES and grad.is_contiguous():
+        rows = grad.view(-1, grad.shape[-1]) if grad.dim() >= 2 else grad.view(1, -1)
+        ops.scale_rows_(rows, scale.expand(rows.shape[0]))
+    else:
         grad.mul_(scale)
 
 

@@ -549,6 +549,28 @@ def test_compile_token_logprobs(device):
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
+def test_scale_gradients_in_place(device, dtype):
+    """linear_scale_ (the backward of the reduced fused linear loss) leaves every gradient as it
+    was for a scale of exactly 1 (a NaN too) and otherwise multiplies every element, for 2-D,
+    1-D, non-contiguous and empty gradients (float64 through the mul_ fallback)."""
+    g = generator(30)
+    grads = [torch.randn(5, 7, generator=g).to(dtype).to(device),
+             torch.randn(6, generator=g).to(dtype).to(device),
+             torch.randn(7, 5, generator=g).to(dtype).to(device).t(),
+             torch.randn(0, generator=g).to(dtype).to(device)]
+    grads[0][1, 2] = float("nan")
+    before = [t.clone() for t in grads]
+    torch.ops.psft_ext.linear_scale_(*grads[:3], torch.tensor(1.0, device=device))
+    for t, b in zip(grads, before):
+        assert torch.equal(t.nan_to_num(), b.nan_to_num()) and bool(torch.isnan(grads[0][1, 2]))
+    # 1-D, non-contiguous and empty gradients in the three places
+    torch.ops.psft_ext.linear_scale_(grads[1], grads[2], grads[3],
+                                     torch.tensor(-0.75, device=device))
+    for t, b in zip(grads[1:], before[1:]):
+        torch.testing.assert_close(t, b * -0.75, rtol=0, atol=0)
+
+
 def test_opcheck(device):
     case = make_linear_case((13,), 11, 8, torch.float32, device, advantages="token", seed=23)
     h, w, b = _leaves(case)
