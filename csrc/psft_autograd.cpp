@@ -92,6 +92,17 @@ void call_scale_rows(Tensor& grad, const Tensor& factor) {
   op.call(grad, factor);
 }
 
+// The single-pass functions' backward: the gradient saved in the forward, scaled in place by
+// per-row factors (scale_rows_ skips the rows whose factor is exactly 1, i.e. every row for the
+// usual loss.backward()). An op's kernel does not bump the version counter of the tensor it
+// mutates; bumped here, a second backward through the graph (retain_graph=True) fails the
+// saved-tensor version check instead of rescaling the gradient twice.
+Tensor rescaled_gradient(Tensor grad_logits, const Tensor& factor) {
+  call_scale_rows(grad_logits, factor);
+  torch::autograd::impl::bump_version(grad_logits);
+  return grad_logits;
+}
+
 variable_list to_list(const ForwardOutputs& o) {
   return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o),
           std::get<4>(o), std::get<5>(o), std::get<6>(o), std::get<7>(o)};
@@ -155,13 +166,7 @@ struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwar
     variable_list result(11);
     if (!grads[0].defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
-    Tensor grad_logits = saved[0];
-    call_scale_rows(grad_logits, grads[0].to(at::kFloat) / saved[1]);
-    // An op's kernel does not bump the version counter of the tensor it mutates. Bumped here,
-    // a second backward through the graph (retain_graph=True) fails the saved-tensor version
-    // check instead of rescaling the gradient twice.
-    torch::autograd::impl::bump_version(grad_logits);
-    result[0] = grad_logits;
+    result[0] = rescaled_gradient(saved[0], grads[0].to(at::kFloat) / saved[1]);
     return result;
   }
 };
@@ -196,14 +201,11 @@ struct ReducedLossFunction : public torch::autograd::Function<ReducedLossFunctio
     TORCH_CHECK(ctx->saved_data["with_grad"].toBool(),
                 "psft_loss_reduced: backward through a loss computed with with_grad=False "
                 "(call it with with_grad=True when the logits need a gradient)");
-    Tensor grad_logits = ctx->get_saved_variables()[0];
-    // The factor is expanded to the gradient's first dimension as a SymInt: under
-    // torch.compile with dynamic shapes it is symbolic.
-    call_scale_rows(grad_logits,
-                    grads[0].to(at::kFloat).expand_symint({grad_logits.sym_size(0)}));
-    // As in ForwardBackwardFunction: a second backward fails the version check.
-    torch::autograd::impl::bump_version(grad_logits);
-    result[0] = grad_logits;
+    const Tensor grad_logits = ctx->get_saved_variables()[0];
+    // The upstream scalar expanded to the gradient's rows (a SymInt: under torch.compile with
+    // dynamic shapes it is symbolic); scale_rows_ reads it with stride 0, no copy.
+    result[0] = rescaled_gradient(
+        grad_logits, grads[0].to(at::kFloat).expand_symint({grad_logits.sym_size(0)}));
     return result;
   }
 };
