@@ -139,7 +139,9 @@ def _old_and_advantages(old_logprobs, advantages, targets, fn, where="logits"):
 
 
 def _mean_denominator(num_items, num_tokens, device, fn):
-    """The denominator of reduction "mean": a tensor, or a float for a numeric num_items."""
+    """The denominator of reduction "mean" for the fused linear loss: a tensor, or a float for a
+    numeric num_items (psft_loss hands num_items to psft_loss_reduced, which forms the same
+    denominator in C++)."""
     if num_items is None:
         # float32 once, rather than promoted in each division by it
         return num_tokens.clamp(min=1).to(torch.float32)
@@ -221,23 +223,23 @@ def psft_loss(
     args = (flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low),
             float(clip_high), 0.0 if dual_clip is None else float(dual_clip), ignore_index,
             float(temperature))
-    if reduction == "none":
-        loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
-        out = loss.view(targets.shape)
-        if not return_metrics:
-            return out
-        num_tokens = (flat_targets != ignore_index).sum()
-    else:
+    if reduction != "none":
         # One op (csrc/psft_reduced.cpp): the count, the denominator, the forward and, when the
         # logits need a gradient, that gradient, written in the same pass over the logits for
         # the upstream gradient loss.backward() gives (the backward only rescales it if the
-        # actual one differs; the logits are not kept for it).
-        # The metrics come from the same op, as one (6,) tensor in PSFTMetrics' order.
+        # actual one differs; the logits are not kept for it). The metrics come from the same
+        # op, as one (6,) tensor in PSFTMetrics' order.
         denominator, denominator_value = _reduction_denominator(reduction, num_items, fn)
         with_grad = torch.is_grad_enabled() and logits.requires_grad
         out, metrics, _ = ops.psft_loss_reduced(*args, denominator, denominator_value,
                                                 with_grad, bool(return_metrics))
         return (out, PSFTMetrics(*metrics.unbind())) if return_metrics else out
+
+    loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
+    out = loss.view(targets.shape)
+    if not return_metrics:
+        return out
+    num_tokens = (flat_targets != ignore_index).sum()
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)
 
 
