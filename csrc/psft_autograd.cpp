@@ -9,13 +9,14 @@
 // microseconds, and torch.compile traces it like any other autograd kernel (the forward calls the
 // op below autograd, which reaches the CPU / CUDA kernels or, while tracing, the Python fakes).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "psft_op_calls.h"
 
 namespace psft {
 namespace {
@@ -25,72 +26,8 @@ using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
-using ForwardOutputs =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using ForwardBackwardOutputs =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using ReducedOutputs = std::tuple<Tensor, Tensor, Tensor>;  // loss, metrics, grad
-
-// The schema's arguments after logits and targets, shared by both ops.
-struct LossArgs {
-  OptTensor old_logprobs, advantages;
-  double advantage, clip_low, clip_high, dual_clip;
-  int64_t ignore_index;
-  double temperature;
-};
-
-ForwardOutputs call_forward(const Tensor& logits, const Tensor& targets, const LossArgs& a) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("psft_ext::psft_forward", "")
-                             .typed<ForwardOutputs(const Tensor&, const Tensor&, const OptTensor&,
-                                                   const OptTensor&, double, double, double,
-                                                   double, int64_t, double)>();
-  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
-                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature);
-}
-
-ForwardBackwardOutputs call_forward_backward(const Tensor& logits, const Tensor& targets,
-                                             const LossArgs& a, const Tensor& grad_loss) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("psft_ext::psft_forward_backward", "")
-          .typed<ForwardBackwardOutputs(const Tensor&, const Tensor&, const OptTensor&,
-                                        const OptTensor&, double, double, double, double,
-                                        int64_t, double, const Tensor&)>();
-  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
-                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature, grad_loss);
-}
-
-Tensor call_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& targets,
-                     const Tensor& lse, const Tensor& coef, int64_t ignore_index,
-                     double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("psft_ext::psft_backward", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
-                                           const Tensor&, const Tensor&, int64_t, double)>();
-  return op.call(grad_loss, logits, targets, lse, coef, ignore_index, temperature);
-}
-
-ReducedOutputs call_loss_reduced(const Tensor& logits, const Tensor& targets, const LossArgs& a,
-                                 const OptTensor& denominator, double denominator_value,
-                                 bool with_grad, bool with_metrics) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("psft_ext::psft_loss_reduced", "")
-          .typed<ReducedOutputs(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                                double, double, double, double, int64_t, double,
-                                const OptTensor&, double, bool, bool)>();
-  return op.call(logits, targets, a.old_logprobs, a.advantages, a.advantage, a.clip_low,
-                 a.clip_high, a.dual_clip, a.ignore_index, a.temperature, denominator,
-                 denominator_value, with_grad, with_metrics);
-}
-
-void call_scale_rows(Tensor& grad, const Tensor& factor) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("psft_ext::scale_rows_", "")
-                             .typed<void(Tensor&, const Tensor&)>();
-  op.call(grad, factor);
-}
+using op_calls::LossArgs;
+using op_calls::ReducedResult;
 
 // The single-pass functions' backward: the gradient saved in the forward, scaled in place by
 // per-row factors (scale_rows_ skips the rows whose factor is exactly 1, i.e. every row for the
@@ -98,12 +35,12 @@ void call_scale_rows(Tensor& grad, const Tensor& factor) {
 // mutates; bumped here, a second backward through the graph (retain_graph=True) fails the
 // saved-tensor version check instead of rescaling the gradient twice.
 Tensor rescaled_gradient(Tensor grad_logits, const Tensor& factor) {
-  call_scale_rows(grad_logits, factor);
+  op_calls::scale_rows_(grad_logits, factor);
   torch::autograd::impl::bump_version(grad_logits);
   return grad_logits;
 }
 
-variable_list to_list(const ForwardOutputs& o) {
+variable_list to_list(const ForwardResult& o) {
   return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o),
           std::get<4>(o), std::get<5>(o), std::get<6>(o), std::get<7>(o)};
 }
@@ -118,7 +55,7 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const LossArgs args{old_logprobs, advantages, advantage, clip_low,
                         clip_high,    dual_clip,  ignore_index, temperature};
-    variable_list out = to_list(call_forward(logits, targets, args));
+    variable_list out = to_list(op_calls::psft_forward(logits, targets, args));
     ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
     ctx->save_for_backward({logits, targets, out[6], out[7]});  // lse, coef
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -129,7 +66,7 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor grad_logits =
-        call_backward(grads[0].to(at::kFloat), saved[0], saved[1], saved[2], saved[3],
+        op_calls::psft_backward(grads[0].to(at::kFloat), saved[0], saved[1], saved[2], saved[3],
                       ctx->saved_data["ignore_index"].toInt(),
                       ctx->saved_data["temperature"].toDouble());
     variable_list result(10);
@@ -152,7 +89,7 @@ struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwar
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const LossArgs args{old_logprobs, advantages, advantage, clip_low,
                         clip_high,    dual_clip,  ignore_index, temperature};
-    const ForwardBackwardOutputs o = call_forward_backward(logits, targets, args, grad_loss);
+    const ForwardBackwardResult o = op_calls::psft_forward_backward(logits, targets, args, grad_loss);
     variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o),
                          std::get<3>(o), std::get<4>(o), std::get<5>(o),
                          std::get<6>(o), std::get<7>(o), std::get<8>(o)};
@@ -185,8 +122,9 @@ struct ReducedLossFunction : public torch::autograd::Function<ReducedLossFunctio
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const LossArgs args{old_logprobs, advantages, advantage, clip_low,
                         clip_high,    dual_clip,  ignore_index, temperature};
-    const ReducedOutputs o = call_loss_reduced(logits, targets, args, denominator,
-                                               denominator_value, with_grad, with_metrics);
+    const ReducedResult o = op_calls::psft_loss_reduced(logits, targets, args, denominator,
+                                                        denominator_value, with_grad,
+                                                        with_metrics);
     variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o)};
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({out[1], out[2]});
@@ -210,7 +148,7 @@ struct ReducedLossFunction : public torch::autograd::Function<ReducedLossFunctio
   }
 };
 
-ForwardOutputs psft_forward_autograd(const Tensor& logits, const Tensor& targets,
+ForwardResult psft_forward_autograd(const Tensor& logits, const Tensor& targets,
                                      const OptTensor& old_logprobs, const OptTensor& advantages,
                                      double advantage, double clip_low, double clip_high,
                                      double dual_clip, int64_t ignore_index, double temperature) {
@@ -220,7 +158,7 @@ ForwardOutputs psft_forward_autograd(const Tensor& logits, const Tensor& targets
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
 }
 
-ForwardBackwardOutputs psft_forward_backward_autograd(
+ForwardBackwardResult psft_forward_backward_autograd(
     const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
     const OptTensor& advantages, double advantage, double clip_low, double clip_high,
     double dual_clip, int64_t ignore_index, double temperature, const Tensor& grad_loss) {
@@ -231,7 +169,7 @@ ForwardBackwardOutputs psft_forward_backward_autograd(
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
 }
 
-ReducedOutputs psft_loss_reduced_autograd(
+ReducedResult psft_loss_reduced_autograd(
     const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
     const OptTensor& advantages, double advantage, double clip_low, double clip_high,
     double dual_clip, int64_t ignore_index, double temperature, const OptTensor& denominator,

@@ -12,7 +12,6 @@
 // The op calls psft_forward / psft_forward_backward through the dispatcher, so it runs whatever
 // kernels the device registered (csrc/cpu, csrc/cuda); its fake kernel is in psft_ext/_ops.py.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -20,47 +19,18 @@
 
 #include "psft_checks.h"
 #include "psft_env.h"
+#include "psft_op_calls.h"
 
 namespace psft {
 namespace {
 
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
-using PerToken = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using PerTokenAndGrad =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-// loss, metrics, grad
-using ReducedResult = std::tuple<Tensor, Tensor, Tensor>;
+using op_calls::ReducedResult;
 
 // The metrics, in PSFTMetrics' order: token means of -logp, entropy, clipped and -log_ratio
 // (approx_kl) and ratio, then the token count.
 constexpr int kMetrics = 6;
-
-PerToken call_forward(const Tensor& logits, const Tensor& targets, const OptTensor& old,
-                      const OptTensor& adv, double advantage, double clip_low, double clip_high,
-                      double dual_clip, int64_t ignore_index, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("psft_ext::psft_forward", "")
-                             .typed<PerToken(const Tensor&, const Tensor&, const OptTensor&,
-                                             const OptTensor&, double, double, double, double,
-                                             int64_t, double)>();
-  return op.call(logits, targets, old, adv, advantage, clip_low, clip_high, dual_clip,
-                 ignore_index, temperature);
-}
-
-PerTokenAndGrad call_forward_backward(const Tensor& logits, const Tensor& targets,
-                                      const OptTensor& old, const OptTensor& adv,
-                                      double advantage, double clip_low, double clip_high,
-                                      double dual_clip, int64_t ignore_index, double temperature,
-                                      const Tensor& grad_loss) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("psft_ext::psft_forward_backward", "")
-                             .typed<PerTokenAndGrad(const Tensor&, const Tensor&, const OptTensor&,
-                                                    const OptTensor&, double, double, double,
-                                                    double, int64_t, double, const Tensor&)>();
-  return op.call(logits, targets, old, adv, advantage, clip_low, clip_high, dual_clip,
-                 ignore_index, temperature, grad_loss);
-}
 
 // The host loops apply to CPU tensors. PSFT_EXT_REDUCED_TENSOR_OPS=1 (read at each call) turns
 // them off, so that the CPU test suite also runs the tensor-op branch every other device takes
@@ -176,6 +146,8 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
     den = denominator_tensor(denominator, denominator_value, num_tokens);
   }
 
+  const op_calls::LossArgs args{old,       adv,       advantage,    clip_low,
+                                clip_high, dual_clip, ignore_index, temperature};
   Tensor loss, logp, entropy, ratio, log_ratio, clipped, lse, coef, grad;
   if (with_grad) {
     // The upstream gradient loss.backward() gives every token: 1 / den, as float32 (what
@@ -183,12 +155,10 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
     const Tensor expected = host_loops ? at::full({n}, 1.0f / den_cpu, f32)
                                    : at::reciprocal(den).expand({n}).contiguous();
     std::tie(loss, logp, entropy, ratio, log_ratio, clipped, lse, coef, grad) =
-        call_forward_backward(logits, targets, old, adv, advantage, clip_low, clip_high,
-                              dual_clip, ignore_index, temperature, expected);
+        op_calls::psft_forward_backward(logits, targets, args, expected);
   } else {
     std::tie(loss, logp, entropy, ratio, log_ratio, clipped, lse, coef) =
-        call_forward(logits, targets, old, adv, advantage, clip_low, clip_high, dual_clip,
-                     ignore_index, temperature);
+        op_calls::psft_forward(logits, targets, args);
     grad = at::empty({0}, logits.options());
   }
   const Tensor reduced =
