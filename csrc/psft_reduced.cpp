@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -92,7 +94,11 @@ Tensor metrics_of(const Tensor& logp, const Tensor& entropy, const Tensor& clipp
 // value (> 0; 1 for a sum), or, for denominator_value == 0, max(num_tokens, 1).
 Tensor denominator_tensor(const OptTensor& denominator, double denominator_value,
                           const Tensor& num_tokens) {
-  if (denominator.has_value()) return denominator->to(num_tokens.device(), at::kFloat);
+  // reshape({}): a one-element (1,) or (1, 1) denominator, which the host branch reads with
+  // item(), must divide the 0-d sum and expand to (N,) as a 0-d tensor does.
+  if (denominator.has_value()) {
+    return denominator->reshape({}).to(num_tokens.device(), at::kFloat);
+  }
   if (denominator_value > 0.0) {
     return at::scalar_tensor(denominator_value, num_tokens.options().dtype(at::kFloat));
   }
@@ -142,7 +148,12 @@ ReducedResult psft_loss_reduced(const Tensor& logits, const Tensor& targets, con
       den_cpu = static_cast<float>(std::max<int64_t>(count_cpu, 1));
     }
   } else {
-    num_tokens = targets.ne(ignore_index).sum();
+    // Compared in int64, as the kernels and the host loop compare: ne() would cast an
+    // ignore_index outside int32's range to int32 for int32 targets (2^32 would match id 0).
+    const bool widen = targets.scalar_type() == at::kInt &&
+                       (ignore_index < std::numeric_limits<int32_t>::min() ||
+                        ignore_index > std::numeric_limits<int32_t>::max());
+    num_tokens = (widen ? targets.to(at::kLong) : targets).ne(ignore_index).sum();
     den = denominator_tensor(denominator, denominator_value, num_tokens);
   }
 

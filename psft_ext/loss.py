@@ -138,6 +138,15 @@ def _old_and_advantages(old_logprobs, advantages, targets, fn, where="logits"):
     return old, None, float(advantages)
 
 
+def _num_items_tensor(num_items, fn):
+    """A tensor num_items as a 0-d constant: one element of any shape ((), (1,), (1, 1), as a
+    count gathered across ranks may come back), detached."""
+    if num_items.numel() != 1:
+        raise ValueError(f"{fn}: num_items must hold one value, got a tensor of shape "
+                         f"{tuple(num_items.shape)}")
+    return num_items.detach().reshape(())
+
+
 def _mean_denominator(num_items, num_tokens, device, fn):
     """The denominator of reduction "mean" for the fused linear loss: a tensor, or a float for a
     numeric num_items (psft_loss hands num_items to psft_loss_reduced, which forms the same
@@ -146,7 +155,7 @@ def _mean_denominator(num_items, num_tokens, device, fn):
         # float32 once, rather than promoted in each division by it
         return num_tokens.clamp(min=1).to(torch.float32)
     if isinstance(num_items, torch.Tensor):
-        return num_items.to(device=device, dtype=torch.float32)
+        return _num_items_tensor(num_items, fn).to(device=device, dtype=torch.float32)
     _check_finite("num_items", num_items, fn, low=0.0)
     return float(num_items)
 
@@ -251,7 +260,7 @@ def _reduction_denominator(reduction, num_items, fn):
     if num_items is None:
         return None, 0.0
     if isinstance(num_items, torch.Tensor):
-        return num_items.detach(), 0.0
+        return _num_items_tensor(num_items, fn), 0.0
     _check_finite("num_items", num_items, fn, low=0.0)
     return None, float(num_items)
 

@@ -238,6 +238,13 @@ def test_bad_num_items(value):
         psft_ext.psft_loss(logits, targets, num_items=value)
 
 
+@pytest.mark.parametrize("shape", [(2,), (1, 2), (0,)])
+def test_num_items_tensor_of_several_values(shape):
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match=r"num_items must hold one value, got a tensor of shape"):
+        psft_ext.psft_loss(logits, targets, num_items=torch.ones(shape))
+
+
 # --------------------------------------------------------------------------------------------
 # the ops called directly (C++ checks)
 # --------------------------------------------------------------------------------------------

@@ -225,6 +225,22 @@ def test_reductions(device, dtype, reduction):
         assert got["loss"].shape == case.targets.shape
 
 
+def test_num_items_tensor_of_one_element_any_shape(device):
+    """A one-element num_items of shape (1,) or (1, 1) (as a count gathered across ranks may
+    come back) acts as the 0-d one; several values are an error naming num_items."""
+    case = make_linear_case((3, 5), 19, 8, torch.float32, device, seed=13)
+    results = []
+    for shape in ((), (1,), (1, 1)):
+        got = run_fused(case, chunk_size=4, num_items=torch.full(shape, 9.0, device=device))
+        assert got["loss"].shape == ()
+        results.append(got)
+    for got in results[1:]:
+        torch.testing.assert_close(got["loss"], results[0]["loss"], rtol=0, atol=0)
+        torch.testing.assert_close(got["grads"], results[0]["grads"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_items must hold one value"):
+        run_fused(case, chunk_size=4, num_items=torch.ones(2, device=device))
+
+
 @pytest.mark.parametrize("adv_kind", ["scalar", "negative_scalar", "zero_d", "row", "negative"])
 def test_advantages_dual_clip_temperature(device, adv_kind):
     case = make_linear_case((4, 5), 31, 8, torch.float32, device, advantages=adv_kind,

@@ -121,19 +121,21 @@ def _reduced(case, denominator=None, denominator_value=0.0, with_grad=True, with
                                  with_metrics)
 
 
-@pytest.mark.parametrize("denominator", ["count", "value", "tensor"])
+@pytest.mark.parametrize("denominator", ["count", "value", "tensor", "tensor_1", "tensor_1x1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_reduced_matches_the_per_token_ops(device, reduced_branch, dtype, denominator):
     """Loss = sum of psft_forward's per-token losses / den; the metrics, token means of its
     per-token outputs; the gradient = psft_forward_backward's for the upstream gradient 1 / den;
-    nothing logits-sized without with_grad."""
+    nothing logits-sized without with_grad. A denominator tensor of one element may have any
+    shape ((), (1,), (1, 1)): the loss is 0-d all the same."""
     case = make_case((3, 5), 37, dtype, device, ignore_frac=0.3, seed=210)
     count = int(case.valid.sum())
     den_tensor, den_value, den = None, 0.0, float(count)
     if denominator == "value":
         den_value = den = 11.5
-    elif denominator == "tensor":
-        den_tensor, den = torch.tensor(9, device=device), 9.0
+    elif denominator.startswith("tensor"):
+        shape = {"tensor": (), "tensor_1": (1,), "tensor_1x1": (1, 1)}[denominator]
+        den_tensor, den = torch.full(shape, 9, device=device), 9.0
     loss, metrics, grad = _reduced(case, den_tensor, den_value)
     loss_t, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*_args(case))
     n = loss_t.shape[0]
@@ -151,6 +153,20 @@ def test_reduced_matches_the_per_token_ops(device, reduced_branch, dtype, denomi
                                       with_metrics=False)
     assert grad2.numel() == 0 and metrics2.numel() == 0
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+
+
+def test_reduced_count_compares_int32_targets_in_int64(device, reduced_branch):
+    """An ignore_index outside int32's range matches no int32 target (the kernels compare in
+    int64); in int32 arithmetic 2**32 would wrap to 0 and drop the token of id 0 from the
+    count."""
+    logits = torch.randn(4, 9, device=device)
+    targets = torch.tensor([0, 2, 3, 8], dtype=torch.int32, device=device)
+    loss, metrics, _ = ops.psft_loss_reduced(logits, targets, None, None, 1.0, 0.2, 0.28, 0.0,
+                                             2**32, 1.0, None, 0.0, False, True)
+    assert float(metrics[5]) == 4
+    expected = ops.psft_forward(logits, targets.long(), None, None, 1.0, 0.2, 0.28, 0.0, -100,
+                                1.0)[0].sum() / 4
+    torch.testing.assert_close(loss, expected)
 
 
 def test_reduced_empty_and_all_ignored(device, reduced_branch):

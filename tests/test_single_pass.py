@@ -102,7 +102,8 @@ def test_scale_rows_factor_strides(device, layout):
     if layout == "expanded_scalar":
         factor = torch.tensor(-0.75, device=device).expand(6)
     else:
-        factor = torch.arange(12, dtype=torch.float32, device=device)[::2] * 0.1
+        factor = (torch.arange(12, dtype=torch.float32, device=device) * 0.1)[::2]
+        assert factor.stride() == (2,)
     expected = grad.clone()
     ops.scale_rows_(expected, factor.contiguous())
     ops.scale_rows_(grad, factor)
@@ -196,12 +197,15 @@ def test_cuda_single_pass_shapes(dtype, vocab, offset, sm90, monkeypatch):
     # Run to run: bitwise the same.
     *outs2, grad2 = ops.psft_forward_backward(*args, expected)
     assert torch.equal(grad, grad2) and all(torch.equal(a, b) for a, b in zip(outs, outs2))
-    # In place over a contiguous copy: the same values.
+    # In place over a contiguous copy: the same values. Not bitwise, nor to float32's last bit:
+    # at offset 3 the copy's rows start at another 16-byte phase than the view's, which changes
+    # which thread reads which element of rows over 4 KB, so lse (and with it log_ratio) may
+    # differ in the last place; hence the tolerance of the comparison above.
     work = logits.contiguous()
     outs3 = ops.psft_forward_backward_(work, *args[1:], expected)
     torch.testing.assert_close(work, grad, **tol)
     for got, exp in zip(outs3, outs):
-        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sm90", ["0", "1"], ids=["two_kernels", "sm90_single_pass"])

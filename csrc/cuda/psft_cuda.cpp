@@ -116,7 +116,8 @@ void launch_backward(const at::Tensor& grad_loss_in, const at::Tensor& logits,
                      const at::Tensor& targets, const at::Tensor& lse_in,
                      const at::Tensor& coef_in, int64_t ignore_index, double temperature,
                      at::Tensor& grad, const char* op) {
-  if (logits.size(0) == 0) return;
+  // No rows, or rows of no elements (V = 0, which the CPU op accepts too): nothing to write.
+  if (logits.numel() == 0) return;
   const at::Tensor grad_loss = grad_loss_in.contiguous(), lse = lse_in.contiguous(),
                    coef = coef_in.contiguous();
   const float inv_temperature = static_cast<float>(1.0 / temperature);

@@ -537,12 +537,20 @@ cudaError_t max_active_clusters(int device, const FusedPlan& plan,
   return err;
 }
 
+cudaError_t unsupported_here() {
+  (void)cudaGetLastError();  // a sticky error (a fault of an earlier kernel) stays for the caller
+  return cudaErrorNotSupported;
+}
+
 template <typename T>
 cudaError_t launch_fused(int device, const FusedArgs& args, const FusedPlan& plan,
                          cudaStream_t stream) {
   void (*kernel)(const FusedArgs) = psft_fused_kernel<T>;
+  // Until the launch, every failure (the attributes, the occupancy query: e.g. refused under
+  // MPS or by a driver without cluster support) means only that this kernel cannot run here:
+  // the caller then runs the two-pass kernels. Such errors are not sticky; clear them.
   cudaError_t err = configure_kernel_once<T>(device);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) return unsupported_here();
 
   cudaLaunchAttribute attrs[1];
   attrs[0].id = cudaLaunchAttributeClusterDimension;
@@ -562,7 +570,7 @@ cudaError_t launch_fused(int device, const FusedArgs& args, const FusedPlan& pla
   // for a free GPC slot would run its rows after all others.
   int max_clusters = 0;
   err = max_active_clusters<T>(device, plan, config, &max_clusters);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) return unsupported_here();
   if (max_clusters <= 0) return cudaErrorNotSupported;
   const int64_t clusters = args.in.rows < max_clusters ? args.in.rows : max_clusters;
   config.gridDim = dim3(static_cast<unsigned int>(clusters * plan.cluster_size), 1, 1);
