@@ -74,6 +74,17 @@ def test_op_outputs_for_ignored_rows(device):
     assert torch.count_nonzero(coef[clipped == 1.0]) == 0
 
 
+def test_backward_of_rows_without_elements(device):
+    """The backward ops take rows of no elements (V = 0; the forward refuses them, a direct call
+    need not): an empty gradient on every device, no kernel launched."""
+    rows = (torch.ones(3, device=device), torch.zeros(3, dtype=torch.long, device=device),
+            torch.zeros(3, device=device), torch.zeros(3, device=device))
+    logits = torch.randn(3, 0, device=device)
+    grad = ops.psft_backward(rows[0], logits, *rows[1:], -100, 1.0)
+    assert grad.shape == (3, 0) and grad.device == logits.device
+    ops.psft_backward_(rows[0], logits, *rows[1:], -100, 1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------
