@@ -235,3 +235,41 @@ def test_cuda_scale_rows_misaligned_rows():
     expected = (grad.float() * factor[:, None]).to(torch.bfloat16)
     ops.scale_rows_(grad, factor)
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@cuda_only
+@pytest.mark.parametrize("vocab", [32000, 151936])
+@pytest.mark.parametrize("sm90", ["0", "1"], ids=["two_kernels", "sm90_single_pass"])
+def test_cuda_single_pass_many_rows_per_cluster(vocab, sm90, monkeypatch):
+    """N = 2000, far more rows than clusters are resident: each cluster of the persistent grid
+    walks many rows, so the double-buffered partials, the barrier between rows and ignored rows
+    (which skip the cluster barrier) between synchronising rows are all exercised. Ignored,
+    clipped, dual-clipped and zero-upstream rows are interleaved."""
+    monkeypatch.setenv("PSFT_EXT_SM90_SINGLE_PASS", sm90)
+    n = 2000
+    g = generator(vocab + 2000)
+    logits = (torch.randn(n, vocab, generator=g) * 2.0).to(torch.bfloat16).cuda()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[::7] = -100
+    targets[3::11] = -100  # runs of ignored rows of different lengths
+    targets = targets.cuda()
+    old = (ops.token_logprobs(logits, targets, -100, 1.0)[0]
+           + 0.8 * (torch.rand(n, generator=g).cuda() - 0.5))
+    adv = torch.where(torch.rand(n, generator=g) < 0.3, -1.5, 1.0).cuda()
+    args = (logits, targets, old, adv, 1.0, 0.2, 0.28, 3.0, -100, 1.0)
+    expected = (0.5 + torch.rand(n, generator=g)).cuda()
+    expected[5::13] = 0.0
+    *outs, grad = ops.psft_forward_backward(*args, expected)
+    ref = ops.psft_forward(*args)
+    clipped = ref[5]
+    assert 0.05 < float(clipped[targets != -100].mean()) < 0.95  # both branches occur
+    for got, exp in zip(outs, ref):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    exp_grad = ops.psft_backward(expected, logits, targets, ref[6], ref[7], -100, 1.0)
+    torch.testing.assert_close(grad, exp_grad, rtol=2e-2, atol=1e-6)
+    silent = (targets == -100) | (ref[7] == 0) | (expected == 0)
+    assert int(torch.count_nonzero(grad[silent])) == 0
+    # In place over the same (contiguous, aligned) rows: the same kernel path, bit for bit.
+    work = logits.clone()
+    outs2 = ops.psft_forward_backward_(work, *args[1:], expected)
+    assert torch.equal(work, grad) and all(torch.equal(a, b) for a, b in zip(outs2, outs))

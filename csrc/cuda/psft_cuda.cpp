@@ -57,7 +57,11 @@ const float* optional_float_ptr(const at::Tensor& t) {
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  // Cleared as the thread's last error (when it is not sticky), or the next op's launch check,
+  // which reads cudaGetLastError, would report it as its own.
+  (void)cudaGetLastError();
+  TORCH_CHECK(false, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // The forward's eight per-token float32 outputs, in the ops' order.
