@@ -30,7 +30,7 @@ the backward recomputes each chunk's logits (one more matmul pass, still chunked
 Nothing is computed for inputs that do not require a gradient, nor under ``torch.no_grad()``.
 Under ``torch.autocast`` the chunk logits and matmuls run in the autocast dtype, as
 ``F.linear`` would; the gradients come back in the inputs' dtypes (a float32 weight's gradient is
-accumulated in float32, its own dtype; ``grad_bias`` is always accumulated in float32).
+accumulated in float32, its own dtype; ``grad_bias`` is accumulated like ``grad_weight``).
 
 The chunk loops live in custom ops (``psft_ext::linear_psft_*``, registered with fake kernels and
 autograd), so ``torch.compile`` traces a caller without graph breaks and without unrolling them.
@@ -68,8 +68,10 @@ def auto_chunk_rows(n: int, vocab: int, hidden_size: int, device: torch.device,
     """Rows per chunk when ``chunk_size`` is None.
 
     About CPU_CHUNK_BYTES / CUDA_CHUNK_BYTES of float32-equivalent logits (on CUDA at most
-    1 / CUDA_FREE_SHARE of the free memory), split into equal chunks, a multiple of 8 rows (128 on
-    CUDA: whole tiles for the matmuls); at least 1 and at most ``n``.
+    1 / CUDA_FREE_SHARE of the memory available, :func:`_available_cuda_memory`, but never fewer
+    than 128 rows: smaller chunks would run one pass over grad_weight per few rows), split into
+    equal chunks, a multiple of 8 rows (128 on CUDA: whole tiles for the matmuls); at least 1 and
+    at most ``n``.
 
     On CUDA, when grad_weight of a bfloat16 / float16 weight is accumulated across chunks
     (``low_precision_grad_weight``), every chunk's grad_weight matmul reads and writes the whole
@@ -83,12 +85,12 @@ def auto_chunk_rows(n: int, vocab: int, hidden_size: int, device: torch.device,
         return 1
     vocab = max(vocab, 1)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        align = 128
         rows = CUDA_CHUNK_BYTES // (4 * vocab)
         if low_precision_grad_weight:
             rows = n if n <= hidden_size else max(rows, hidden_size // 2)
-        rows = min(rows, free // CUDA_FREE_SHARE // (4 * vocab))
-        align = 128
+        cap = _available_cuda_memory(device) // CUDA_FREE_SHARE // (4 * vocab)
+        rows = min(rows, max(cap, align))
     else:
         rows = CPU_CHUNK_BYTES // (4 * vocab)
         align = 8
@@ -99,6 +101,16 @@ def auto_chunk_rows(n: int, vocab: int, hidden_size: int, device: torch.device,
     if rows > align:
         rows = -(-rows // align) * align
     return min(rows, n)
+
+
+def _available_cuda_memory(device: torch.device) -> int:
+    """Bytes a chunk can take on a CUDA device: the driver's free memory plus what torch's
+    caching allocator holds unused. In a training loop the cache holds most of the device between
+    steps (the last step's chunks and accumulator among it), which the driver counts as used:
+    from free memory alone, chunks would shrink step after step (and their boundaries, hence the
+    sums' order, change)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,10 +129,12 @@ def _chunk_bounds(n, rows, active):
     return [(i * rows, min(n, (i + 1) * rows)) for i, keep in enumerate(flags.tolist()) if keep]
 
 
-def _rows(hidden, weight, chunk_size, compute_dtype=None, need_weight=False):
+def _rows(hidden, weight, chunk_size, compute_dtype=None, need_weight=False,
+          accumulate_float32=True):
     if chunk_size > 0:
         return chunk_size
-    low = (need_weight and compute_dtype in (torch.bfloat16, torch.float16)
+    # Larger chunks only pay where a float32 grad_weight accumulator is passed over per chunk.
+    low = (need_weight and accumulate_float32 and compute_dtype in (torch.bfloat16, torch.float16)
            and weight.dtype == compute_dtype)
     return auto_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.device, low)
 
@@ -163,11 +177,13 @@ class _GradAccumulator:
         # A float32 accumulator of a 2-byte weight's gradient is kept as two halves of the
         # vocabulary, so the result can be narrowed into the first half's memory.
         self.halves = acc == torch.float32 and self.weight_dtype != torch.float32
-        # Zeros: the rows of skipped (all-ignored) chunks are never written.
-        self.gh = torch.zeros_like(hidden) if need_hidden else None
-        # grad_weight is allocated by the first chunk, once its logits are freed (allocated
-        # earlier it would sit beside the first chunk's logits and gradient), and not zeroed: the
-        # first chunk overwrites it (a pass over V x H saved).
+        # Zeros: the rows of skipped (all-ignored) chunks are never written. Contiguous whatever
+        # hidden's strides (zeros_like would keep a column-major hidden's): the layout the fake
+        # kernels promise, and row slices the chunk matmuls can write into directly.
+        self.gh = (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                   if need_hidden else None)
+        # grad_weight is allocated by the first chunk that adds to it, and not zeroed: the first
+        # chunk overwrites it (a pass over V x H saved).
         self.need_weight, self.gw, self.gw_spec = need_weight, None, (tuple(weight.shape), acc)
         self.gb = (torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
                    if need_bias else None)
@@ -285,6 +301,8 @@ def _accumulate_mm(acc, a, b, overwrite):
                 torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
                 _CUDA_F32_ADDMM = True
                 return
+            except torch.OutOfMemoryError:
+                raise  # says nothing about the op's support
             except (RuntimeError, TypeError):
                 if _CUDA_F32_ADDMM:
                     raise
@@ -308,7 +326,7 @@ def _run_forward(hidden, weight, bias, targets, old, adv, adv_scalar, clip_low, 
     loss[t]``, computed chunk by chunk."""
     n = hidden.shape[0]
     per_token = [torch.zeros(n, dtype=torch.float32, device=hidden.device) for _ in range(8)]
-    rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight)
+    rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight, accumulate_float32)
     bounds = _chunk_bounds(n, rows, targets != ignore_index)
     grads = _GradAccumulator(hidden, weight, bias, compute_dtype, need_hidden, need_weight,
                              need_bias, len(bounds), accumulate_float32)
@@ -339,7 +357,7 @@ def _run_backward(grad_loss, hidden, weight, bias, targets, lse, coef, ignore_in
     """Gradients of ``sum_t grad_loss[t] * loss[t]`` from the forward's lse and coef, recomputing
     the logits of every chunk that has a row with a non-zero ``grad_loss * coef``."""
     n = hidden.shape[0]
-    rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight)
+    rows = _rows(hidden, weight, chunk_size, compute_dtype, need_weight, accumulate_float32)
     bounds = _chunk_bounds(n, rows, (grad_loss * coef) != 0)
     grads = _GradAccumulator(hidden, weight, bias, compute_dtype, need_hidden, need_weight,
                              need_bias, len(bounds), accumulate_float32)

@@ -365,6 +365,42 @@ def test_auto_chunk_rows():
     assert linear.auto_chunk_rows(n, 32000, 1024, cpu) == -(-n // 16) * 8
 
 
+def test_auto_chunk_rows_cuda_counts_the_allocator_cache(monkeypatch):
+    """On CUDA the cap is 1/8 of the driver's free memory plus what torch's caching allocator
+    holds unused (simulated here: the chunk choice is host code): in a training loop the cache
+    holds most of the device, and chunks sized from free memory alone would shrink to a few rows.
+    The cap never goes below 128 rows."""
+    gib = 1 << 30
+    memory = {"free": gib, "reserved": 40 * gib, "allocated": 10 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
+    dev = torch.device("cuda")
+    # 31 GiB available: the budget decides (bf16 weight: H / 2 rows), not 1 GiB free.
+    assert linear.auto_chunk_rows(16384, 151936, 4096, dev, True) == 2048
+    budget = linear.CUDA_CHUNK_BYTES // (4 * 151936)
+    assert linear.auto_chunk_rows(10**6, 151936, 4096, dev) == -(-budget // 128) * 128
+    # Nothing cached, little free: 1/8 of it, but at least 128 rows.
+    memory.update(free=2 * gib, reserved=0, allocated=0)
+    cap = 2 * gib // linear.CUDA_FREE_SHARE // (4 * 151936)
+    rows = linear.auto_chunk_rows(16384, 151936, 4096, dev, True)
+    assert rows % 128 == 0 and cap <= rows < cap + 128
+    memory.update(free=1 << 20)
+    assert linear.auto_chunk_rows(16384, 151936, 4096, dev, True) == 128
+
+
+def test_larger_chunks_only_for_a_float32_accumulator(monkeypatch):
+    """H / 2-row chunks pay for a float32 grad_weight accumulator's pass per chunk: with
+    accumulate_float32=False (no accumulator, least memory) the chunks stay at the budget."""
+    seen = []
+    monkeypatch.setattr(linear, "auto_chunk_rows", lambda *a: seen.append(a[-1]) or 4)
+    h, w = torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(9, 4, dtype=torch.bfloat16)
+    for accumulate in (True, False):
+        linear._rows(h, w, 0, torch.bfloat16, True, accumulate)
+    linear._rows(h, w, 0, torch.bfloat16, False, True)  # no grad_weight at all
+    assert seen == [True, False, False]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_auto_chunk_rows_cuda():
     dev = torch.device("cuda")
@@ -617,6 +653,21 @@ def test_opcheck(device):
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_column_major_hidden(device):
+    """A column-major hidden (a transposed view): the real op's grad_hidden has the contiguous
+    layout its fake kernel promises (inductor asserts the strides of what it traced)."""
+    case = make_linear_case((13,), 11, 8, torch.float32, device, seed=24)
+    h, w, b = _leaves(case)
+    h_cm = h.detach().t().contiguous().t().requires_grad_(True)
+    assert h_cm.stride() == (1, 13)
+    args = (h_cm, w, b, case.targets, case.old_logprobs, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0,
+            None, 1.0, 4, torch.float32, True, True, True)
+    torch.library.opcheck(torch.ops.psft_ext.linear_psft_forward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    grad_hidden = torch.ops.psft_ext.linear_psft_forward(*args)[7]
+    assert grad_hidden.is_contiguous()
 
 
 # --------------------------------------------------------------------------------------------
