@@ -35,15 +35,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import (  # noqa: E402
-    IGNORED_SHARE, _mib, add_common_arguments, device_and_dtype, environment, parse_shapes,
-    peak_extra_memory, print_header, time_median, write_json)
+    IGNORED_SHARE, _mib, add_common_arguments, device_and_dtype, environment, fill_normal_,
+    guarded, parse_shapes, peak_extra_memory, print_header, time_median, warm_up_clocks,
+    write_json)
 
 import psft_ext  # noqa: E402
 from psft_ext import linear as psft_linear  # noqa: E402
 from psft_ext import reference  # noqa: E402
 
 CPU_SHAPES = "2048x1024x32000"
-CUDA_SHAPES = "4096x4096x128256,4096x4096x151936,16384x4096x128256,16384x4096x151936"
+# Largest first on CUDA, as in bench_loss.py: a run cut short keeps the shapes the bars are judged on.
+CUDA_SHAPES = "16384x4096x151936,16384x4096x128256,4096x4096x151936,4096x4096x128256"
 
 
 def mmap_large_allocations():
@@ -65,12 +67,8 @@ def mmap_large_allocations():
 def make_inputs(n, hidden_size, vocab, dtype, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, hidden_size, generator=gen).to(device=device, dtype=dtype)
-    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=device)
-    # Filled in row blocks so no transient float32 copy of the whole head raises the baseline.
-    block = max(1, (1 << 24) // max(hidden_size, 1))
-    for start in range(0, vocab, block):
-        rows = torch.randn(min(block, vocab - start), hidden_size, generator=gen)
-        weight[start:start + rows.shape[0]] = (rows * (2.0 / hidden_size ** 0.5)).to(device, dtype)
+    weight = fill_normal_(torch.empty(vocab, hidden_size, dtype=dtype, device=device),
+                          2.0 / hidden_size ** 0.5, gen)
     targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
     targets[torch.rand(n, generator=gen).to(device) < IGNORED_SHARE] = -100
     # Old log-probs: the current ones, perturbed so some ratios leave the trust region.
@@ -85,6 +83,7 @@ def make_fused_linear(chunk_size, accumulate_float32=True):
     def fused_linear(hidden, weight, targets, old):
         return psft_ext.linear_psft_loss(hidden, weight, targets, old, chunk_size=chunk_size,
                                          accumulate_float32=accumulate_float32)
+    fused_linear.accumulate_float32 = accumulate_float32  # for the chunk rows it will choose
     return fused_linear
 
 
@@ -131,6 +130,7 @@ def matmul_floor(hidden, weight, device, reps, warmup):
         logits = torch.empty_like(g)
         gh = torch.empty_like(hidden)
         gw = torch.empty_like(weight)
+        warm_up_clocks(lambda: torch.mm(hidden, weight.t(), out=logits), device)
         t_fwd = time_median(lambda: torch.mm(hidden, weight.t(), out=logits), device, reps, warmup)
         t_gh = time_median(lambda: torch.mm(g, weight, out=gh), device, reps, warmup)
         t_gw = time_median(lambda: torch.mm(g.t(), hidden, out=gw), device, reps, warmup)
@@ -149,11 +149,18 @@ def bench_shape(n, hidden_size, vocab, dtype, device, contenders, reps, warmup, 
     hidden, weight, targets, old = make_inputs(n, hidden_size, vocab, dtype, device)
     elt = hidden.element_size()
     grads_bytes = (hidden.numel() + weight.numel()) * elt
-    chunk_rows = chunk_size or psft_linear.auto_chunk_rows(
-        n, vocab, hidden_size, device, low_precision_grad_weight=dtype != torch.float32)
-    chunk_bytes = chunk_rows * vocab * elt
     common = dict(n=n, hidden=hidden_size, vocab=vocab, logits_bytes=n * vocab * elt,
-                  grads_bytes=grads_bytes, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
+                  grads_bytes=grads_bytes)
+
+    def chunk_of(loss_fn):
+        """The chunk rows (and bytes) the fused linear loss will choose: with a float32
+        accumulator of a 2-byte head's gradient, larger chunks (psft_linear._rows)."""
+        if not hasattr(loss_fn, "accumulate_float32"):
+            return {}
+        low = dtype != torch.float32 and loss_fn.accumulate_float32
+        rows = chunk_size or psft_linear.auto_chunk_rows(n, vocab, hidden_size, device, low)
+        return dict(chunk_rows=rows, chunk_bytes=rows * vocab * elt)
+
     rows = []
     floor = matmul_floor(hidden, weight, device, reps, warmup)
     rows.append(dict(common, name="matmuls (floor)", fwdbwd_s=floor and floor["total_s"],
@@ -165,27 +172,29 @@ def bench_shape(n, hidden_size, vocab, dtype, device, contenders, reps, warmup, 
         h.grad = None
         w.grad = None
 
-    for name, loss_fn in contenders.items():
+    for name, loss_fn in list(contenders.items()):
         def step(loss_fn=loss_fn):
             clear()
             loss_fn(h, w, targets, old).backward()
 
-        try:
+        def measure(step=step):
             t = time_median(step, device, reps, warmup, setup=clear)
             peak = None
             if with_memory:
                 clear()
                 peak = peak_extra_memory(step, device, setup=clear)
-        except torch.OutOfMemoryError:
-            print(f"# {name} {n}x{hidden_size}x{vocab}: out of memory", file=sys.stderr)
-            rows.append(dict(common, name=name, error="out of memory"))
-            continue
-        finally:
-            clear()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(dict(common, name=name, fwdbwd_s=t, peak_bytes=peak))
+            return t, peak
+
+        chunk = chunk_of(loss_fn)
+        result, error = guarded(name, f"{n}x{hidden_size}x{vocab}", measure, contenders, device)
+        clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if error:
+            rows.append(dict(common, name=name, error=error))
+        else:
+            rows.append(dict(common, **chunk, name=name, fwdbwd_s=result[0], peak_bytes=result[1]))
     floor_s = floor and floor["total_s"]
     mat = next((r for r in rows if r["name"] == "mat+fused" and r.get("peak_bytes")), None)
     for r in rows:

@@ -6,7 +6,8 @@ For each shape (N tokens x V vocabulary) it times the forward and the forward+ba
   - fused_two_pass: the same loss through the two-kernel pair (psft_forward, then psft_backward
                 in the backward), via reduction="none" and a token mean
   - reference:  psft_ext.reference.psft_loss, eager PyTorch
-  - compiled:   torch.compile of the reference              (CUDA; --peers compile)
+  - compiled:   torch.compile of the reference              (CUDA; --peers compile; one
+                dynamic-shape compile for all shapes, so tuned on the first)
   - liger:      Liger-Kernel's Triton GRPO loss, advantages 1, beta 0 (CUDA, when installed)
   - copy:       a device-to-device copy of a logits-sized tensor, the bandwidth yardstick (CUDA)
 and reports the median time, the peak extra memory over the inputs, the effective bandwidth
@@ -17,6 +18,15 @@ and writes every number to JSON.
   python benchmarks/bench_loss.py                       # CPU: float32, shapes up to 2048 x 151936
   python benchmarks/bench_loss.py --device cuda         # GPU: bfloat16, N in {4096, 16384}
   python benchmarks/bench_loss.py --shapes 512x32000 --reps 3 --json out.json
+
+"fwd" is one loss call, timed as a training step makes it (the logits require a gradient): for
+fused, that is the single pass, which writes the gradient too.
+
+A contender that fails (other than by running out of memory) gets an error row and is left out of
+the shapes after it; the other contenders' rows and the JSON are kept. On CUDA the inputs are
+drawn on the device, the largest shapes run first (the issue's bars are judged there, and a run
+cut short by a time limit keeps them), and each shape starts with a warm-up of a fixed time, so
+the first contender timed does not meet clocks still ramping up.
 
 Peak memory: CUDA from the caching allocator's peak statistics; CPU from the process' peak
 resident set (VmHWM, reset through /proc/self/clear_refs before each measurement; Linux only).
@@ -39,7 +49,7 @@ import psft_ext
 from psft_ext import reference
 
 CPU_SHAPES = "256x32000,1024x32000,512x151936,2048x151936"
-CUDA_SHAPES = "4096x32000,4096x128256,4096x151936,16384x32000,16384x128256,16384x151936"
+CUDA_SHAPES = "16384x151936,16384x128256,16384x32000,4096x151936,4096x128256,4096x32000"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SHARE = 0.1  # prompt / padding tokens mixed in, as in real SFT batches
 
@@ -77,6 +87,38 @@ class CpuPeakMemory:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_up_clocks(fn, device, seconds=0.3):
+    """Runs fn() for about ``seconds`` (CUDA only): after seconds of input set-up the GPU idles at
+    a low clock, and the first contender timed would pay for its ramp-up."""
+    if device.type != "cuda":
+        return
+    _sync(device)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(5):
+            fn()
+        _sync(device)
+
+
+def guarded(name, label, measure, contenders, device):
+    """measure() for one contender at one shape: (its result, None), or (None, the error). Out of
+    memory is that shape's verdict; any other failure (a peer's kernel build, an API it does not
+    take) drops the contender from ``contenders`` for the shapes after this one, so it costs
+    neither the other contenders' rows nor the JSON. A failure that leaves the CUDA context
+    broken raises from the synchronisation here and ends the run."""
+    try:
+        return measure(), None
+    except torch.OutOfMemoryError:
+        error = "out of memory"
+    except Exception as exc:  # noqa: BLE001: reported, never hidden
+        _sync(device)
+        contenders.pop(name, None)
+        first_line = (str(exc).splitlines() or [""])[0][:160].replace("|", "/")
+        error = f"failed ({type(exc).__name__}: {first_line}); left out of later shapes"
+    print(f"# {name} {label}: {error}", file=sys.stderr, flush=True)
+    return None, error
 
 
 def time_median(fn, device, reps, warmup, setup=None):
@@ -125,14 +167,25 @@ def peak_extra_memory(fn, device, setup=None):
 
 # ----------------------------------------------------------------------------- inputs
 
+def fill_normal_(t, std, gen):
+    """``t`` (rows x width) filled with N(0, std^2) values in place, drawn from the CPU generator
+    ``gen``'s stream: on the CPU in row blocks of float32 draws (no transient float32 copy of the
+    whole tensor); on a GPU by the device's generator, seeded from gen, in t's own dtype (a
+    16384 x 151936 tensor in a fraction of a second instead of a minute of CPU draws)."""
+    if t.is_cuda:
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        return t.normal_(0.0, std, generator=torch.Generator(device=t.device).manual_seed(seed))
+    width = max(t.shape[-1], 1)
+    block = max(1, (1 << 24) // width)
+    for start in range(0, t.shape[0], block):
+        rows = torch.randn(min(block, t.shape[0] - start), width, generator=gen) * std
+        t[start:start + rows.shape[0]] = rows.to(dtype=t.dtype)
+    return t
+
+
 def make_inputs(n, vocab, dtype, device, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.empty(n, vocab, dtype=dtype, device=device)
-    # Filled in row blocks so no transient float32 copy of the whole tensor raises the baseline.
-    block = max(1, (1 << 24) // max(vocab, 1))
-    for start in range(0, n, block):
-        rows = torch.randn(min(block, n - start), vocab, generator=gen) * 2.0
-        logits[start:start + rows.shape[0]] = rows.to(device=device, dtype=dtype)
+    logits = fill_normal_(torch.empty(n, vocab, dtype=dtype, device=device), 2.0, gen)
     targets = torch.randint(0, vocab, (n,), generator=gen).to(device)
     targets[torch.rand(n, generator=gen).to(device) < IGNORED_SHARE] = -100
     # Old log-probs: the current ones, perturbed so some ratios leave the trust region.
@@ -194,15 +247,24 @@ def bench_shape(n, vocab, dtype, device, contenders, reps, warmup, with_memory):
     targets, old = targets[:n].contiguous(), old[:n].contiguous()
     logits_bytes = logits.numel() * logits.element_size()
     pristine = logits_all.clone() if "liger" in contenders else None
+    label = f"{n}x{vocab}"
+    if "fused" in contenders:  # a fresh leaf per call: no gradient outlives the warm-up
+        warm_up_clocks(lambda: contenders["fused"](logits.detach().requires_grad_(True), targets,
+                                                   old).backward(), device)
 
-    for name, loss_fn in contenders.items():
+    for name, loss_fn in list(contenders.items()):
         if name == "copy":
             dst = torch.empty_like(logits)
-            fwd_t = time_median(lambda: dst.copy_(logits), device, reps, warmup)
+            fwd_t, error = guarded(
+                name, label, lambda: time_median(lambda: dst.copy_(logits), device, reps, warmup),
+                contenders, device)
+            del dst
+            if error:
+                rows.append(dict(name=name, n=n, vocab=vocab, error=error))
+                continue
             rows.append(dict(name=name, n=n, vocab=vocab, fwd_s=fwd_t, fwdbwd_s=None,
                              fwd_peak_bytes=None, fwdbwd_peak_bytes=None,
                              gbps=2 * logits_bytes / fwd_t / 1e9))
-            del dst
             continue
         x = (logits_all if name == "liger" else logits).detach().requires_grad_(True)
         restore = None
@@ -218,7 +280,7 @@ def bench_shape(n, vocab, dtype, device, contenders, reps, warmup, with_memory):
             x.grad = None
             loss_fn(x, targets, old).backward()
 
-        try:
+        def measure(x=x, forward=forward, forward_backward=forward_backward, restore=restore):
             fwd_t = time_median(forward, device, reps, warmup, setup=restore)
             fb_t = time_median(forward_backward, device, reps, warmup, setup=restore)
             fwd_mem = fb_mem = None
@@ -226,15 +288,18 @@ def bench_shape(n, vocab, dtype, device, contenders, reps, warmup, with_memory):
                 fwd_mem = peak_extra_memory(forward, device, setup=restore)
                 x.grad = None
                 fb_mem = peak_extra_memory(forward_backward, device, setup=restore)
-        except torch.OutOfMemoryError:
-            print(f"# {name} {n}x{vocab}: out of memory", file=sys.stderr)
-            rows.append(dict(name=name, n=n, vocab=vocab, error="out of memory"))
-            continue
-        finally:
-            x.grad = None
-        rows.append(dict(name=name, n=n, vocab=vocab, fwd_s=fwd_t, fwdbwd_s=fb_t,
-                         fwd_peak_bytes=fwd_mem, fwdbwd_peak_bytes=fb_mem,
-                         gbps=2 * logits_bytes / fb_t / 1e9, fwd_gbps=logits_bytes / fwd_t / 1e9))
+            return fwd_t, fb_t, fwd_mem, fb_mem
+
+        result, error = guarded(name, label, measure, contenders, device)
+        x.grad = None
+        if error:
+            rows.append(dict(name=name, n=n, vocab=vocab, error=error))
+        else:
+            fwd_t, fb_t, fwd_mem, fb_mem = result
+            rows.append(dict(name=name, n=n, vocab=vocab, fwd_s=fwd_t, fwdbwd_s=fb_t,
+                             fwd_peak_bytes=fwd_mem, fwdbwd_peak_bytes=fb_mem,
+                             gbps=2 * logits_bytes / fb_t / 1e9,
+                             fwd_gbps=logits_bytes / fwd_t / 1e9))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ import torch
 import psft_ext
 
 from bench_loss import (add_common_arguments, device_and_dtype, environment, fused_loss,
-                        fused_two_pass_loss, make_inputs, make_liger_loss, parse_shapes,
+                        fused_two_pass_loss, guarded, make_inputs, make_liger_loss, parse_shapes,
                         print_header, reference_loss, write_json)
 
 SHAPES = "4x16,256x1024"
@@ -61,7 +61,7 @@ def bench_shape(n, vocab, dtype, device, contenders, calls, trials, warmup):
     logits_all, targets, old = make_inputs(n + 1, vocab, dtype, device)
     targets, old = targets[:n].contiguous(), old[:n].contiguous()
     rows = []
-    for name, loss_fn in contenders.items():
+    for name, loss_fn in list(contenders.items()):
         x = (logits_all if name == "liger" else logits_all[:n]).detach().requires_grad_(True)
 
         def evaluate(x=x, loss_fn=loss_fn):
@@ -72,12 +72,17 @@ def bench_shape(n, vocab, dtype, device, contenders, calls, trials, warmup):
             x.grad = None
             loss_fn(x, targets, old).backward()
 
-        rows.append(dict(name=name, n=n, vocab=vocab,
-                         eval_s=per_call_seconds(evaluate, device, calls, trials, warmup),
-                         step_s=per_call_seconds(train_step, device, calls, trials, warmup)))
-    fused = rows[0]
+        def measure(evaluate=evaluate, train_step=train_step):
+            return (per_call_seconds(evaluate, device, calls, trials, warmup),
+                    per_call_seconds(train_step, device, calls, trials, warmup))
+
+        result, error = guarded(name, f"{n}x{vocab}", measure, contenders, device)
+        rows.append(dict(name=name, n=n, vocab=vocab, error=error) if error else
+                    dict(name=name, n=n, vocab=vocab, eval_s=result[0], step_s=result[1]))
+    fused = next((r for r in rows if r["name"] == "fused" and "error" not in r), None)
     for r in rows:
-        r["step_vs_fused"] = r["step_s"] / fused["step_s"]
+        if fused and "error" not in r:
+            r["step_vs_fused"] = r["step_s"] / fused["step_s"]
     return rows
 
 
@@ -85,8 +90,12 @@ def markdown_table(rows):
     lines = ["| N x V | contender | eval forward us | forward+backward us | fwd+bwd vs fused |",
              "|---|---|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['n']} x {r['vocab']} | {r['name']} | {r['error']} | | |")
+            continue
+        ratio = f"{r['step_vs_fused']:.2f}x" if "step_vs_fused" in r else "-"
         lines.append(f"| {r['n']} x {r['vocab']} | {r['name']} | {r['eval_s'] * 1e6:.0f} | "
-                     f"{r['step_s'] * 1e6:.0f} | {r['step_vs_fused']:.2f}x |")
+                     f"{r['step_s'] * 1e6:.0f} | {ratio} |")
     return "\n".join(lines)
 
 

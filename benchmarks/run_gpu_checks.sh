@@ -4,7 +4,8 @@
 # compute-sanitizer, then the benchmarks (per-call overhead, the loss, the fused linear loss).
 # Each stage writes its log under $OUT (default ./gpu_out), so a failing stage never hides the
 # others, and has a time limit cut to fit BUDGET (seconds for the whole script, default 540: the
-# device tool runs one command for at most 600 s), keeping a reserve for the stages after it. The
+# device tool runs one command for at most 600 s; when less device time is left, pass
+# BUDGET=<that limit - 60>), keeping a reserve for the stages after it. The
 # stages run by value: the build, the CUDA tests, memcheck, the loss benchmark (the bars),
 # the fused linear benchmark, the per-call overhead, racecheck last. The benchmarks write their
 # JSON after every shape, so one cut short still returns the shapes it finished.
@@ -57,7 +58,6 @@ export TORCH_CUDA_ARCH_LIST
 if ! timed build 360 150 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
 fi
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
 fi
 python3 -c "import psft_ext, json; print(json.dumps(psft_ext.build_info()))" | tee -a "$OUT/summary.txt"
 
