@@ -122,6 +122,9 @@ class HeadInputs(NamedTuple):
     bias: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
     amp: Optional[torch.dtype] = None  # autocast dtype of the model's LM head (fused path)
+    # Fused path: the model's own output (the logits of its one kept position), which the loss
+    # joins through an exact 0 so that it depends on what the model returned (see _joined).
+    output: Optional[torch.Tensor] = None
 
     def autocast(self):
         """The autocast the model's LM head runs under, for the fused loss's matmuls."""
@@ -367,10 +370,11 @@ class CausalLMPSFT:
             self._verify(lm, plan, inputs)
             plan = self._plan(lm)
         if plan:
-            hidden = self._run(model, plan, inputs)[1]
+            output, hidden = self._run(model, plan, inputs)
             if hidden is None:
                 raise RuntimeError("psft_ext: the backbone's forward hook caught no hidden states")
-            return HeadInputs(hidden, plan.head.weight, plan.head.bias, None, plan.amp)
+            return HeadInputs(hidden, plan.head.weight, plan.head.bias, None, plan.amp,
+                              _logits_of(output))
         kwargs = {"use_cache": False} if "use_cache" in _forward_parameters(lm) else {}
         return HeadInputs(None, None, None, _logits_of(model(**inputs, **kwargs)))
 
@@ -390,10 +394,11 @@ class CausalLMPSFT:
                       num_items=num_items, return_metrics=True)
         if head.hidden is not None:
             with head.autocast():
-                return linear_psft_loss(head.hidden, head.weight, targets.to(head.hidden.device),
-                                        _on(old_logprobs, head.hidden), bias=head.bias,
-                                        chunk_size=self.chunk_size,
-                                        accumulate_float32=self.accumulate_float32, **kwargs)
+                loss, metrics = linear_psft_loss(
+                    head.hidden, head.weight, targets.to(head.hidden.device),
+                    _on(old_logprobs, head.hidden), bias=head.bias, chunk_size=self.chunk_size,
+                    accumulate_float32=self.accumulate_float32, **kwargs)
+            return _joined(loss, head.output), metrics
         return psft_loss(head.logits, targets.to(head.logits.device),
                          _on(old_logprobs, head.logits), **kwargs)
 
@@ -412,6 +417,17 @@ class CausalLMPSFT:
                         ignore_index=self.ignore_index, temperature=self.temperature)
             return token_logprobs(head.logits, targets.to(head.logits.device),
                                   ignore_index=self.ignore_index, temperature=self.temperature)
+
+
+def _joined(loss: torch.Tensor, output: Optional[torch.Tensor]) -> torch.Tensor:
+    """``loss`` plus an exact 0 computed from the model's output. The fused loss reads the
+    backbone's hidden states and the head's weight, not what the model returned; DDP with
+    ``static_graph=True`` schedules its gradient all-reduce from the backward of the model's
+    outputs, so without this each rank would keep its own gradients. The sum of an empty slice is
+    0 whatever the output holds (inf or NaN included)."""
+    if output is None or not output.requires_grad:
+        return loss
+    return loss + output.narrow(-1, 0, 0).sum()
 
 
 def _on(tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -1,9 +1,10 @@
 """What the distributed tests compare, run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by
 test_integration_ddp.py, and in the test's own process on one process with the same global batches.
 
-``run_trainer``: PSFTTrainer under DDP (per-device batch 2) or alone (batch 4); records the
-gradients of every optimizer step (after DDP's all-reduce), the training logs and the final
-weights.
+``run_trainer``: PSFTTrainer under DDP (per-device batch 2; and with ``static_graph=True``,
+per-device batch 4 without gradient accumulation, which DDP's static graph does not take) or
+alone (batch 4); the same 8 samples per optimizer step in each. Records the gradients of every
+optimizer step (after DDP's all-reduce), the training logs and the final weights.
 
 ``run_fsdp2_loop``: a plain PSFT loop (OldPolicyGroups + CausalLMPSFT) on a tiny Llama sharded with
 FSDP2 (``fully_shard``), or unsharded. Under FSDP2 the LM head's weight is a sharded DTensor outside
@@ -40,12 +41,14 @@ class GradRecorder(TrainerCallback):
         self.grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
 
 
-def run_trainer(output_dir, per_device_batch, ddp_backend=None):
+def run_trainer(output_dir, per_device_batch, ddp_backend=None, static_graph=False,
+                grad_accum=2):
     args = psft_args(
-        output_dir, per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=2,
+        output_dir, per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=grad_accum,
         max_steps=TRAINER_STEPS, steps_per_old_policy=2, learning_rate=3.0, optim="sgd",
         max_grad_norm=0.0, train_sampling_strategy="sequential", save_strategy="steps",
-        save_steps=3, ddp_backend=ddp_backend)
+        save_steps=3, ddp_backend=ddp_backend, ddp_static_graph=static_graph)
     # Equal lengths (no padding, so per-rank and global batches run the same kernels) but
     # different label masks per sequence: the token mean must count every rank's tokens.
     trainer = PSFTTrainer(model=tiny_model(), args=args, data_collator=pad_collate,
@@ -106,6 +109,10 @@ def main():
     opts = parser.parse_args()
     torch.set_num_threads(1)
     result = {"trainer": run_trainer(opts.output_dir, 2, ddp_backend="gloo")}
+    # DDP's static graph all-reduces from the backward of the model's outputs, which the fused
+    # loss reaches only through CausalLMPSFT's exact-zero join.
+    result["trainer_static"] = run_trainer(opts.output_dir + "_static", 4, ddp_backend="gloo",
+                                           static_graph=True, grad_accum=1)
     # The Trainer's accelerate state initialized the process group (gloo).
     result["fsdp2"] = run_fsdp2_loop(dist.get_rank(), dist.get_world_size(), shard=True)
     if dist.get_rank() == 0:

@@ -64,18 +64,36 @@ def worker():
     return distributed_worker
 
 
-def test_ddp_two_processes_match_one(launched, worker, tmp_path):
-    tmp, result = launched
-    ddp = result["trainer"]
-    assert ddp["world_size"] == 2
-    single = worker.run_trainer(tmp_path / "single", per_device_batch=4)
-    assert single["world_size"] == 1
+@pytest.fixture(scope="module")
+def single(worker, tmp_path_factory):
+    result = worker.run_trainer(tmp_path_factory.mktemp("single"), per_device_batch=4)
+    assert result["world_size"] == 1
+    return result
 
-    assert len(ddp["grads"]) == len(single["grads"]) == worker.TRAINER_STEPS
+
+def _assert_same_grads(ddp, single, steps):
+    assert len(ddp["grads"]) == len(single["grads"]) == steps
     for step, (gd, gs) in enumerate(zip(ddp["grads"], single["grads"])):
         for name in gs:
             torch.testing.assert_close(gd[name], gs[name], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"step {step + 1}, {name}: {m}")
+
+
+def test_ddp_static_graph_all_reduces(launched, worker, single):
+    """ddp_static_graph=True: the fused loss reads the hidden states and the head's weight, not
+    the model's output, yet every rank gets the all-reduced gradient (before the loss was joined
+    to the output, each rank silently kept its own)."""
+    static = launched[1]["trainer_static"]
+    assert static["world_size"] == 2
+    _assert_same_grads(static, single, worker.TRAINER_STEPS)
+
+
+def test_ddp_two_processes_match_one(launched, worker, single):
+    tmp, result = launched
+    ddp = result["trainer"]
+    assert ddp["world_size"] == 2
+
+    _assert_same_grads(ddp, single, worker.TRAINER_STEPS)
     for ld, ls in zip(ddp["logs"], single["logs"]):
         for key in ("loss", *METRIC_NAMES):
             assert ld[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
