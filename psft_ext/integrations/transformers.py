@@ -58,7 +58,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..loss import token_logprobs
-from .causal_lm import CausalLMPSFT, batch_targets, count_targets, model_inputs
+from .causal_lm import CausalLMPSFT, batch_targets, count_targets, model_inputs, unwrap_model
 from .old_policy import OldPolicyGroups, compute_old_logprobs
 
 
@@ -228,6 +228,11 @@ class PSFTTrainerMixin:
     # Old-policy groups: batch fetching
     # ---------------------------------------------------------------------------------------
 
+    def _psft_lm(self, model):
+        """The causal LM inside ``model``: accelerate's unwrap keeps a ``torch.compile`` wrapper
+        (its forward has none of the model's arguments, so the fused path would fall back)."""
+        return unwrap_model(self.accelerator.unwrap_model(model))
+
     def _psft_policy_model(self):
         # Under FSDP / DeepSpeed only the wrapper's forward gathers the parameters. Under DDP the
         # inner module is enough (a no-grad pass needs no gradient hooks) and skips the wrapper's
@@ -241,7 +246,7 @@ class PSFTTrainerMixin:
         inputs = self._prepare_inputs(batch)
         with self.compute_loss_context_manager():
             return compute_old_logprobs(model, inputs, head=self._psft_head,
-                                        lm=self.accelerator.unwrap_model(model))
+                                        lm=self._psft_lm(model))
 
     def _psft_same_source(self, epoch_iterator) -> bool:
         source = self._psft_source
@@ -297,7 +302,7 @@ class PSFTTrainerMixin:
         if return_outputs or not model.training:
             return self._psft_eval_loss(model, inputs, return_outputs)
         loss, metrics = self._psft_head.loss(model, inputs, num_items=num_items_in_batch,
-                                             lm=self.accelerator.unwrap_model(model))
+                                             lm=self._psft_lm(model))
         if num_items_in_batch is None:
             # No step-wide count (compute_loss called outside the training loop): a per-batch
             # mean, averaged over the accumulation steps like the Trainer's own loss.
@@ -314,7 +319,7 @@ class PSFTTrainerMixin:
         targets = batch_targets(inputs)
         with torch.no_grad():
             if return_outputs:
-                lm = self.accelerator.unwrap_model(model)
+                lm = self._psft_lm(model)
                 params = inspect.signature(type(lm).forward).parameters
                 extra = {"use_cache": False} if "use_cache" in params else {}
                 outputs = model(**model_inputs(inputs), **extra)
@@ -323,7 +328,7 @@ class PSFTTrainerMixin:
             else:
                 outputs = None
                 logp = self._psft_head.token_logprobs(model, inputs,
-                                                      self.accelerator.unwrap_model(model))
+                                                      self._psft_lm(model))
             count = (targets != self._psft_head.ignore_index).sum().to(logp.device)
             loss = -logp.sum() / count.clamp(min=1)
         return (loss, outputs) if return_outputs else loss

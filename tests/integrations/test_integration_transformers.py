@@ -215,6 +215,25 @@ def test_fused_linear_matches_logits_path(tmp_path, kind):
             assert lf[name] == pytest.approx(lp[name], rel=1e-5, abs=1e-7), name
 
 
+def test_torch_compile_keeps_the_fused_path(tmp_path):
+    """torch_compile=True: accelerate's unwrap keeps the compile wrapper, whose forward has none
+    of the model's arguments; the trainer looks through it and stays on the fused path (it fell
+    back to the full logits, with a warning, for every training micro-batch)."""
+    common = dict(steps_per_old_policy=2, max_steps=4, learning_rate=5e-2)
+    compiled = make_trainer(tmp_path / "compiled", torch_compile=True,
+                            torch_compile_backend="eager", **common)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="psft_ext")
+        compiled.train()
+    assert compiled.psft_head.uses_fused(compiled.model)
+    eager = make_trainer(tmp_path / "eager", **common)
+    eager.train()
+    assert max_param_diff(params_of(compiled.model), params_of(eager.model)) < 1e-4
+    for lc, le in zip(train_logs(compiled), train_logs(eager)):
+        for name in ("loss", *METRIC_NAMES):
+            assert lc[name] == pytest.approx(le[name], rel=1e-4, abs=1e-6), name
+
+
 def test_known_logit_transform_falls_back_to_logits(tmp_path):
     model = tiny_model()
     model.config.final_logit_softcapping = 30.0  # as Gemma's configs declare it
