@@ -94,7 +94,8 @@ def build_parser():
     train.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     train.add_argument("--resume", action="store_true",
                        help="continue from the last checkpoint in OUTPUT_DIR/checkpoints")
-    train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    train.add_argument("--bf16", action="store_true",
+                       help="bfloat16 mixed precision (autocast; the weights stay float32)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     # ------------------------------------------------------------------------------ bench

@@ -142,6 +142,7 @@ class Collator:
 # ----------------------------------------------------------------------------- model
 
 def load_model(path):
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(path)
@@ -153,7 +154,11 @@ def load_model(path):
         raise CLIError(f"{path}: the saved model is {', '.join(archs)}, which has no language-"
                        f"modelling head; psft train needs a causal LM (e.g. LlamaForCausalLM)")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        # float32 whatever the checkpoint holds (transformers would keep a bf16 checkpoint in
+        # bf16): AdamW's updates at fine-tuning learning rates are mostly below bf16's
+        # resolution, and --bf16 is mixed precision (autocast over float32 master weights).
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                           dtype=torch.float32)
     except ValueError as err:
         raise CLIError(f"{path}: not loadable as a causal LM ({err})")
     except OSError as err:

@@ -200,3 +200,19 @@ def test_train_bad_inputs(tiny_model, base_model, tmp_path, capsys):
     _fails_in_process(capsys, argv(tiny_model, good, "--resume"), "no checkpoint")
     # None of the failures left an output folder behind.
     assert not out.exists()
+
+
+def test_load_model_in_float32(tmp_path):
+    """A bfloat16 checkpoint trains with float32 weights (transformers would keep it in bf16,
+    where AdamW's small updates mostly round away; --bf16 is autocast over float32 weights)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from psft_ext.cli.train import load_model
+    torch.manual_seed(0)
+    saved = LlamaForCausalLM(_config()).to(torch.bfloat16)
+    saved.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q.float()), name
