@@ -49,6 +49,7 @@ import itertools
 import os
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -58,7 +59,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..loss import token_logprobs
-from .causal_lm import CausalLMPSFT, batch_targets, count_targets, model_inputs, unwrap_model
+from .causal_lm import (OLD_LOGPROBS_KEY, CausalLMPSFT, batch_targets, count_targets,
+                        model_inputs, unwrap_model)
 from .old_policy import OldPolicyGroups, compute_old_logprobs
 
 
@@ -227,6 +229,18 @@ class PSFTTrainerMixin:
     # ---------------------------------------------------------------------------------------
     # Old-policy groups: batch fetching
     # ---------------------------------------------------------------------------------------
+
+    def _prepare_inputs(self, inputs):
+        """The Trainer's device move, with the old log-probs kept in float32: under DeepSpeed it
+        casts every floating input to the engine's dtype, and bf16 old log-probs would put the
+        ratio off 1 by up to 2^-8 relative per unit of |logp| (clipping noise, a false floor
+        under approx_kl)."""
+        if not isinstance(inputs, Mapping) or OLD_LOGPROBS_KEY not in inputs:
+            return super()._prepare_inputs(inputs)
+        rest = {k: v for k, v in inputs.items() if k != OLD_LOGPROBS_KEY}
+        prepared = super()._prepare_inputs(rest)
+        prepared[OLD_LOGPROBS_KEY] = inputs[OLD_LOGPROBS_KEY].to(self.args.device)
+        return prepared
 
     def _psft_lm(self, model):
         """The causal LM inside ``model``: accelerate's unwrap keeps a ``torch.compile`` wrapper

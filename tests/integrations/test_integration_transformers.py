@@ -234,6 +234,25 @@ def test_torch_compile_keeps_the_fused_path(tmp_path):
             assert lc[name] == pytest.approx(le[name], rel=1e-4, abs=1e-6), name
 
 
+def test_old_logprobs_keep_float32_under_deepspeed_input_cast(tmp_path, monkeypatch):
+    """Under DeepSpeed the Trainer casts every floating input to the engine's dtype (simulated:
+    its dtype lookup); the old log-probs stay float32 and exact."""
+    from types import SimpleNamespace
+    trainer = make_trainer(tmp_path)
+    engine = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    monkeypatch.setattr(trainer, "accelerator",
+                        SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=engine)))
+    old = -torch.rand(2, 6, dtype=torch.float32) * 9.0
+    batch = {"input_ids": torch.ones(2, 6, dtype=torch.long), "weights": torch.rand(2, 6),
+             OLD_LOGPROBS_KEY: old}
+    prepared = trainer._prepare_inputs(batch)
+    assert prepared["weights"].dtype == torch.bfloat16  # the cast does apply to the rest
+    assert prepared[OLD_LOGPROBS_KEY].dtype == torch.float32
+    assert torch.equal(prepared[OLD_LOGPROBS_KEY], old)
+    assert set(batch) == {"input_ids", "weights", OLD_LOGPROBS_KEY}  # the caller's batch intact
+
+
 def test_known_logit_transform_falls_back_to_logits(tmp_path):
     model = tiny_model()
     model.config.final_logit_softcapping = 30.0  # as Gemma's configs declare it
