@@ -714,15 +714,26 @@ def linear_psft_loss(
     hyper = (adv_scalar, float(clip_low), float(clip_high),
              0.0 if dual_clip is None else float(dual_clip), ignore_index, float(temperature))
 
-    if reduction == "none":
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    # float16 logits with a gradient to form: the per-token path, whose backward forms each
+    # chunk's gradient with the actual upstream gradient (a GradScaler's scale in it) before
+    # rounding it to float16, as psft_loss does for float16 logits (see there). Formed in the
+    # forward for 1 / den, most of it would flush to zero. One more matmul pass (the chunk
+    # logits again in the backward); bfloat16 and float32 keep the single pass.
+    per_token = reduction == "none" or (compute_dtype == torch.float16 and any(needs))
+    if per_token:
         loss, logp, entropy, ratio, log_ratio, clipped, _, _ = linear_psft_rows(
             flat_hidden, weight, bias, flat_targets, old, adv_tensor, *hyper, chunk,
             compute_dtype, bool(accumulate_float32))
-        out = loss.view(targets.shape)
+        if reduction == "none":
+            out = loss.view(targets.shape)
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss.sum() / _mean_denominator(num_items, num_tokens, hidden.device, fn)
     else:
-        grad_on = torch.is_grad_enabled()
-        needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-                 grad_on and bias is not None and bias.requires_grad)
         den_tensor, den_value = None, 1.0
         if reduction == "mean":
             den = _mean_denominator(num_items, num_tokens, hidden.device, fn)

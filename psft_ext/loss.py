@@ -232,23 +232,34 @@ def psft_loss(
     args = (flat_logits, flat_targets, old, adv_tensor, adv_scalar, float(clip_low),
             float(clip_high), 0.0 if dual_clip is None else float(dual_clip), ignore_index,
             float(temperature))
-    if reduction != "none":
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    # float16 logits that need a gradient take the two passes (below), whatever the reduction:
+    # the single pass rounds the gradient to float16 in the forward, for the upstream gradient
+    # loss.backward() gives (1 / den), before a GradScaler's loss scale reaches it in the
+    # backward. Most of a row's (p - y) / den then flushes to zero or to a few-bit subnormal,
+    # where the backward kernel, given the actual upstream gradient, rounds the scaled value
+    # once, as autograd through the reference does. bfloat16 has float32's range: no such loss.
+    if reduction != "none" and not (with_grad and flat_logits.dtype == torch.float16):
         # One op (csrc/psft_reduced.cpp): the count, the denominator, the forward and, when the
         # logits need a gradient, that gradient, written in the same pass over the logits for
         # the upstream gradient loss.backward() gives (the backward only rescales it if the
         # actual one differs; the logits are not kept for it). The metrics come from the same
         # op, as one (6,) tensor in PSFTMetrics' order.
         denominator, denominator_value = _reduction_denominator(reduction, num_items, fn)
-        with_grad = torch.is_grad_enabled() and logits.requires_grad
         out, metrics, _ = ops.psft_loss_reduced(*args, denominator, denominator_value,
                                                 with_grad, bool(return_metrics))
         return (out, PSFTMetrics(*metrics.unbind())) if return_metrics else out
 
     loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
-    out = loss.view(targets.shape)
+    num_tokens = (flat_targets != ignore_index).sum()
+    if reduction == "none":
+        out = loss.view(targets.shape)
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / _mean_denominator(num_items, num_tokens, logits.device, fn)
     if not return_metrics:
         return out
-    num_tokens = (flat_targets != ignore_index).sum()
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)
 
 

@@ -225,6 +225,36 @@ def test_reductions(device, dtype, reduction):
         assert got["loss"].shape == case.targets.shape
 
 
+@pytest.mark.parametrize("num_items", [None, 500000])
+def test_float16_gradients_survive_until_the_loss_scale(device, num_items):
+    """float16 compute under a GradScaler (loss scaled by 2^16 after the forward): the chunk
+    gradients are formed with that scale in them, so the gradients match the float64 reference
+    rounded to float16 (formed in the forward for 1 / num_items, 67 % of grad_weight's non-zero
+    elements used to flush to zero at num_items = 500000)."""
+    g = generator(302)
+    n, hidden_size, vocab = 48, 16, 700
+    h = torch.randn(n, hidden_size, generator=g).half().to(device)
+    w = (torch.randn(vocab, hidden_size, generator=g) * 0.7).half().to(device)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
+    targets[::7] = -100
+    old = (psft_ext.linear_token_logprobs(h, w, targets)
+           + 0.3 * (torch.rand(n, generator=g).to(device) - 0.5))
+    scale = 65536.0
+    leaves = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    loss = psft_ext.linear_psft_loss(*leaves, targets, old, num_items=num_items, chunk_size=16)
+    (loss * scale).backward()
+    ref = [h.double().requires_grad_(True), w.double().requires_grad_(True)]
+    ref_loss = reference.psft_loss(F.linear(*ref), targets, old.double(), num_items=num_items)
+    (ref_loss * scale).backward()
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=2e-3, atol=1e-9)
+    for got, want in zip(leaves, ref):
+        best = want.grad.half().double()
+        nonzero = best != 0
+        assert int(((got.grad.double() == 0) & nonzero).sum()) == 0
+        torch.testing.assert_close(got.grad.double(), best, rtol=2e-2,
+                                   atol=2e-2 * float(best.abs().max()))
+
+
 def test_num_items_tensor_of_one_element_any_shape(device):
     """A one-element num_items of shape (1,) or (1, 1) (as a count gathered across ranks may
     come back) acts as the 0-d one; several values are an error naming num_items."""

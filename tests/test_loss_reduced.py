@@ -96,7 +96,8 @@ def test_second_backward_is_an_error(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypatch):
-    """psft_loss asks psft_loss_reduced for the gradient only when the logits need one."""
+    """psft_loss asks psft_loss_reduced for the gradient only when the logits need one, and
+    float16 logits that need one take the two passes instead (test_loss.py: the loss scale)."""
     case = make_case((2, 4), 11, dtype, device, seed=208)
     with_grad = []
     real = ops.psft_loss_reduced
@@ -106,7 +107,7 @@ def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypa
         psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
     psft_ext.psft_loss(case.logits.detach(), case.targets, case.old_logprobs, **case.kwargs)
     loss = psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
-    assert with_grad == [False, False, True]
+    assert with_grad == ([False, False] if dtype == torch.float16 else [False, False, True])
     assert loss.requires_grad
 
 
