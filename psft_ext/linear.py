@@ -695,8 +695,10 @@ def linear_psft_loss(
     With reduction "mean" or "sum" and an input that requires a gradient (in grad mode), the
     gradients are computed during this call (the only time a chunk's logits exist) and the
     backward just scales them: evaluate under ``torch.no_grad()`` to skip that work. With
-    reduction "none" the backward recomputes the logits chunk by chunk (four matmuls of the size
-    of ``hidden @ weight.T`` in all instead of three). ``num_items``, ``old_logprobs`` and
+    reduction "none", and for float16 compute whatever the reduction (a gradient formed for
+    1 / num_items would flush to float16 zeros before a GradScaler's scale reaches it), the
+    backward recomputes the logits chunk by chunk (four matmuls of the size of
+    ``hidden @ weight.T`` in all instead of three). ``num_items``, ``old_logprobs`` and
     ``advantages`` are constants (no gradient). In bfloat16 / float16 the logits are
     ``F.linear``'s (the bias added before the one rounding).
     """
