@@ -373,7 +373,10 @@ class CausalLMPSFT:
             output, hidden = self._run(model, plan, inputs)
             if hidden is None:
                 raise RuntimeError("psft_ext: the backbone's forward hook caught no hidden states")
-            return HeadInputs(hidden, plan.head.weight, plan.head.bias, None, plan.amp,
+            # On the head's device, as the head's own call would see it: a model split over GPUs
+            # (device_map="auto") may keep the backbone's last layers and the head apart.
+            weight = plan.head.weight
+            return HeadInputs(hidden.to(weight.device), weight, plan.head.bias, None, plan.amp,
                               _logits_of(output))
         kwargs = {"use_cache": False} if "use_cache" in _forward_parameters(lm) else {}
         return HeadInputs(None, None, None, _logits_of(model(**inputs, **kwargs)))
