@@ -122,8 +122,8 @@ class HeadInputs(NamedTuple):
     bias: Optional[torch.Tensor]
     logits: Optional[torch.Tensor]
     amp: Optional[torch.dtype] = None  # autocast dtype of the model's LM head (fused path)
-    # Fused path: the model's own output (the logits of its one kept position), which the loss
-    # joins through an exact 0 so that it depends on what the model returned (see _joined).
+    # Fused path under DDP with static_graph=True: the model's own output (the logits of its one
+    # kept position), which the loss joins through an exact 0 (see _joined); None otherwise.
     output: Optional[torch.Tensor] = None
 
     def autocast(self):
@@ -376,8 +376,9 @@ class CausalLMPSFT:
             # On the head's device, as the head's own call would see it: a model split over GPUs
             # (device_map="auto") may keep the backbone's last layers and the head apart.
             weight = plan.head.weight
+            joined = _logits_of(output) if _ddp_static_graph(model) else None
             return HeadInputs(hidden.to(weight.device), weight, plan.head.bias, None, plan.amp,
-                              _logits_of(output))
+                              joined)
         kwargs = {"use_cache": False} if "use_cache" in _forward_parameters(lm) else {}
         return HeadInputs(None, None, None, _logits_of(model(**inputs, **kwargs)))
 
@@ -422,15 +423,23 @@ class CausalLMPSFT:
                                   ignore_index=self.ignore_index, temperature=self.temperature)
 
 
+def _ddp_static_graph(model: nn.Module) -> bool:
+    return (isinstance(model, nn.parallel.DistributedDataParallel)
+            and bool(getattr(model, "static_graph", False)))
+
+
 def _joined(loss: torch.Tensor, output: Optional[torch.Tensor]) -> torch.Tensor:
-    """``loss`` plus an exact 0 computed from the model's output. The fused loss reads the
-    backbone's hidden states and the head's weight, not what the model returned; DDP with
-    ``static_graph=True`` schedules its gradient all-reduce from the backward of the model's
-    outputs, so without this each rank would keep its own gradients. The sum of an empty slice is
-    0 whatever the output holds (inf or NaN included)."""
+    """``loss`` plus an exact 0 computed from the model's output, under DDP with
+    ``static_graph=True`` only. The fused loss reads the backbone's hidden states and the head's
+    weight, not what the model returned; a static-graph DDP schedules its gradient all-reduce
+    from the backward of the model's outputs, so without the join each rank would keep its own
+    gradients. The join costs a pass over the head's weight gradient (its zero gradient flows
+    back through the head for the kept position), hence nowhere else. The sum of an empty slice
+    is 0 whatever the output holds (inf or NaN included); it goes to the loss's device, which is
+    the head's (a model split over GPUs returns its outputs on the first one)."""
     if output is None or not output.requires_grad:
         return loss
-    return loss + output.narrow(-1, 0, 0).sum()
+    return loss + output.narrow(-1, 0, 0).sum().to(loss.device)
 
 
 def _on(tensor: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -112,6 +112,26 @@ def test_bf16_lm_head_gradient_with_and_without_float32_accumulation():
             assert torch.equal(grads[True][name], grads[False][name]), name
 
 
+def test_fused_loss_is_not_joined_to_the_output_outside_static_ddp():
+    """The exact-zero join to the model's output (which DDP's static graph needs) would send a
+    zero gradient back through the LM head: a pass over its V x H weight gradient per
+    micro-batch. Outside a static-graph DDP there is none: the head's weight gradient comes from
+    the fused loss alone, and the output is not kept for the loss."""
+    model = tiny_model()
+    batch = pad_collate([TokenDataset()[i] for i in range(2)])
+    head = CausalLMPSFT()
+    inputs = head.forward(model, batch)
+    assert inputs.hidden is not None and inputs.output is None
+    calls = []
+    handle = model.lm_head.register_full_backward_hook(lambda *a: calls.append(1))
+    try:
+        loss, _ = head.loss(model, batch)
+        loss.backward()
+    finally:
+        handle.remove()
+    assert calls == []  # no gradient reached the head's own forward
+
+
 @pytest.mark.parametrize("bad", ["false", 0, 1, None])
 def test_accumulate_float32_must_be_a_bool(bad):
     with pytest.raises(TypeError, match="accumulate_float32 must be a bool"):
