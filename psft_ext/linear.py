@@ -25,7 +25,10 @@ same scalar times the reduction's weight (1 / denominator, or 1), so the forward
 gradients of the reduced loss itself and the backward only scales them by the upstream scalar
 (exactly 1 in the usual ``loss.backward()``: no rounding added). For "none" the upstream
 per-token gradient is unknown in the forward, so the forward keeps only per-token lse and coef and
-the backward recomputes each chunk's logits (one more matmul pass, still chunked).
+the backward recomputes each chunk's logits (one more matmul pass, still chunked). float16
+compute takes that path for every reduction: a chunk gradient formed in the forward for
+1 / denominator would be rounded to float16 before a GradScaler's scale reaches it, and mostly
+flush to zero.
 
 Nothing is computed for inputs that do not require a gradient, nor under ``torch.no_grad()``.
 Under ``torch.autocast`` the chunk logits and matmuls run in the autocast dtype, as
@@ -57,10 +60,10 @@ from .loss import (
 # One chunk of logits, counted as float32 (the kernels' working precision), when chunk_size=None.
 # CPU: small enough to stay cache- and RAM-friendly on a laptop. CUDA: large enough that the
 # grad_weight matmul (K = chunk rows) is compute-bound even though it reads and writes the float32
-# accumulator once per chunk, and never more than a small share of the free memory.
+# accumulator once per chunk, and never more than a small share of the available memory.
 CPU_CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_BYTES = 1 << 30
-CUDA_FREE_SHARE = 8  # at most 1/8 of the free device memory per chunk
+CUDA_FREE_SHARE = 8  # at most 1/8 of the available device memory per chunk (floor: 128 rows)
 
 
 def auto_chunk_rows(n: int, vocab: int, hidden_size: int, device: torch.device,
@@ -133,7 +136,8 @@ def _rows(hidden, weight, chunk_size, compute_dtype=None, need_weight=False,
           accumulate_float32=True):
     if chunk_size > 0:
         return chunk_size
-    # Larger chunks only pay where a float32 grad_weight accumulator is passed over per chunk.
+    # H / 2-row chunks hide under the float32 accumulator's own peak (auto_chunk_rows); without
+    # one (accumulate_float32=False, chosen for memory) the chunk budget rules.
     low = (need_weight and accumulate_float32 and compute_dtype in (torch.bfloat16, torch.float16)
            and weight.dtype == compute_dtype)
     return auto_chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1], hidden.device, low)

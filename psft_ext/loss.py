@@ -148,9 +148,9 @@ def _num_items_tensor(num_items, fn):
 
 
 def _mean_denominator(num_items, num_tokens, device, fn):
-    """The denominator of reduction "mean" for the fused linear loss: a tensor, or a float for a
-    numeric num_items (psft_loss hands num_items to psft_loss_reduced, which forms the same
-    denominator in C++)."""
+    """The denominator of reduction "mean" where it is divided in Python (the fused linear loss,
+    float16 logits): a tensor, or a float for a numeric num_items. psft_loss_reduced forms the
+    same denominator in C++."""
     if num_items is None:
         # float32 once, rather than promoted in each division by it
         return num_tokens.clamp(min=1).to(torch.float32)
@@ -217,7 +217,9 @@ def psft_loss(
     gradient is written during this call, in the same pass over the logits, for the upstream
     gradient ``loss.backward()`` gives; the backward only rescales rows when the actual one
     differs, and the logits are not kept for it. Evaluate under ``torch.no_grad()`` to skip that
-    work. Reduction "none" runs the forward only and reads the logits again in the backward.
+    work. Reduction "none" runs the forward only and reads the logits again in the backward, and
+    so do float16 logits whatever the reduction (a gradient rounded to float16 before a
+    GradScaler's scale reaches it would mostly flush to zero).
     """
     fn = "psft_loss"
     _check_logits_targets(logits, targets, fn)
@@ -251,7 +253,8 @@ def psft_loss(
         return (out, PSFTMetrics(*metrics.unbind())) if return_metrics else out
 
     loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
-    num_tokens = (flat_targets != ignore_index).sum()
+    need_count = return_metrics or (reduction == "mean" and num_items is None)
+    num_tokens = (flat_targets != ignore_index).sum() if need_count else None
     if reduction == "none":
         out = loss.view(targets.shape)
     elif reduction == "sum":

@@ -5,6 +5,7 @@ no headers, and no CUDA files when that machine's torch has no CUDA. Without MAN
 made here failed to compile anywhere (psft_checks.h: No such file or directory)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,6 +14,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
+# What setup.py, pyproject.toml and MANIFEST.in read.
+COPIED = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "CMakeLists.txt", "csrc",
+          "psft_ext", "tests", "examples")
 
 
 def _native_sources():
@@ -27,10 +31,19 @@ def _native_sources():
 @pytest.mark.skipif(not os.path.isfile(os.path.join(REPO, "setup.py")),
                     reason="not a source checkout")
 def test_sdist_holds_every_native_source(tmp_path):
-    # egg_info's output goes to tmp_path too, so the test leaves nothing in the source tree.
-    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
-                        "sdist", "-d", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    # Made from a copy of the tree: sdist assembles its folder in the working directory, which
+    # an interrupted or concurrent run would leave in the checkout.
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info", "build", "dist")
+    for name in COPIED:
+        path = os.path.join(REPO, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=ignore)
+        elif os.path.exists(path):
+            os.makedirs(src, exist_ok=True)
+            shutil.copy2(path, src / name)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+                       cwd=src, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
