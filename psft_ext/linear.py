@@ -54,6 +54,7 @@ from .loss import (
     _mean_denominator,
     _metrics,
     _old_and_advantages,
+    _reduce_in_python,
     _targets_for,
 )
 
@@ -733,12 +734,7 @@ def linear_psft_loss(
         loss, logp, entropy, ratio, log_ratio, clipped, _, _ = linear_psft_rows(
             flat_hidden, weight, bias, flat_targets, old, adv_tensor, *hyper, chunk,
             compute_dtype, bool(accumulate_float32))
-        if reduction == "none":
-            out = loss.view(targets.shape)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() / _mean_denominator(num_items, num_tokens, hidden.device, fn)
+        out = _reduce_in_python(loss, targets.shape, reduction, num_items, num_tokens, fn)
     else:
         den_tensor, den_value = None, 1.0
         if reduction == "mean":

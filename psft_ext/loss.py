@@ -147,6 +147,16 @@ def _num_items_tensor(num_items, fn):
     return num_items.detach().reshape(())
 
 
+def _reduce_in_python(loss, shape, reduction, num_items, num_tokens, fn):
+    """The (N,) per-token losses reduced by autograd-tracked tensor ops: "none" (viewed as the
+    targets' ``shape``), "sum", or "mean" over num_items (default: the token count)."""
+    if reduction == "none":
+        return loss.view(shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _mean_denominator(num_items, num_tokens, loss.device, fn)
+
+
 def _mean_denominator(num_items, num_tokens, device, fn):
     """The denominator of reduction "mean" where it is divided in Python (the fused linear loss,
     float16 logits): a tensor, or a float for a numeric num_items. psft_loss_reduced forms the
@@ -255,12 +265,7 @@ def psft_loss(
     loss, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*args)
     need_count = return_metrics or (reduction == "mean" and num_items is None)
     num_tokens = (flat_targets != ignore_index).sum() if need_count else None
-    if reduction == "none":
-        out = loss.view(targets.shape)
-    elif reduction == "sum":
-        out = loss.sum()
-    else:
-        out = loss.sum() / _mean_denominator(num_items, num_tokens, logits.device, fn)
+    out = _reduce_in_python(loss, targets.shape, reduction, num_items, num_tokens, fn)
     if not return_metrics:
         return out
     return out, _metrics(logp, entropy, clipped, log_ratio, ratio, num_tokens)
