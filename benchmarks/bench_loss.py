@@ -2,9 +2,9 @@
 
 For each shape (N tokens x V vocabulary) it times the forward and the forward+backward of
   - fused:      psft_ext.psft_loss (this project's kernels; with a gradient to compute, the single
-                pass psft_forward_backward: the gradient is written with the forward)
-  - fused_two_pass: the same loss through the two-kernel pair (psft_forward, then psft_backward
-                in the backward), via reduction="none" and a token mean
+                pass: psft_fwd writes the gradient with the forward)
+  - fused_two_pass: the same loss through the two passes (psft_fwd, then psft_bwd in the
+                backward), via reduction="none" and a token mean
   - reference:  psft_ext.reference.psft_loss, eager PyTorch
   - compiled:   torch.compile of the reference              (CUDA; --peers compile; one
                 dynamic-shape compile for all shapes, so tuned on the first)

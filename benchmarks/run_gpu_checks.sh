@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one go, for a lent GPU machine with a CUDA torch:
-# build the extension for the local GPU, run the test suite on CUDA, run a small workload under
-# compute-sanitizer, then the benchmarks (per-call overhead, the loss, the fused linear loss).
+# the extension (the library built beforehand on the CPU machine and carried along, else built
+# here for the local GPU), the test suite on CUDA, a small workload under compute-sanitizer, then
+# the benchmarks (per-call overhead, the loss, the fused linear loss).
+# The carried library: on the CPU machine, for the GPU machine's Python (3.12),
+#   PSFT_CUDA_PYTHON=python3.12 PSFT_CUDA_VENV=.venv-cuda312 bash .ci/cuda_build.sh
+#   cp build/cuda-tree/psft_ext/_C.cpython-312-*.so psft_ext/
+# then name that file in the device call's carry: no GPU minute goes to compiling.
 # Each stage writes its log under $OUT (default ./gpu_out), so a failing stage never hides the
 # others, and has a time limit cut to fit BUDGET (seconds for the whole script, default 540: the
 # device tool runs one command for at most 600 s; when less device time is left, pass
@@ -53,10 +58,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 if want build; then
-log "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0a})"
-export TORCH_CUDA_ARCH_LIST
-if ! timed build 360 150 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
+if python3 -c "import psft_ext, sys; sys.exit(0 if psft_ext.build_info()['cuda'] else 1)" 2>/dev/null; then
+  log "build: the carried library imports with CUDA kernels; nothing compiled"
+else
+  log "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0a})"
+  export TORCH_CUDA_ARCH_LIST
+  if ! timed build 360 150 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; log "BUILD FAILED"; exit 1
+  fi
 fi
 fi
 python3 -c "import psft_ext, json; print(json.dumps(psft_ext.build_info()))" | tee -a "$OUT/summary.txt"

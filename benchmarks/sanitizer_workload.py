@@ -26,18 +26,22 @@ def main():
             loss, metrics = psft_ext.psft_loss(logits, targets, old, return_metrics=True,
                                                advantages=torch.randn(n, device=dev), dual_clip=3.0)
             (0.5 * loss).backward()  # an upstream gradient other than 1: scale_rows_ rescales
-            # The in-place variants (the fused linear loss's) on a contiguous copy.
+            # The gradient written over the logits (the fused linear loss's chunks) on a
+            # contiguous copy, forward and backward.
             ops = torch.ops.psft_ext
+            params = [0.2, 0.28, 0.0, 1.0, 1.0]
             work = logits.detach().clone()
-            outs = ops.psft_forward_backward_(work, targets, old, None, 1.0, 0.2, 0.28, 0.0, -100,
-                                              1.0, torch.ones(n, device=dev))
-            ops.psft_backward_(torch.ones(n, device=dev), logits.detach().clone(), targets,
-                               outs[6], outs[7], -100, 1.0)
+            _, _, stats = ops.psft_fwd(work, targets, old, None, params, -100, "sum", None, 0.0,
+                                       True, work)
+            work = logits.detach().clone()
+            ops.psft_bwd(torch.ones(n, device=dev), work, targets, stats, params, -100, work)
             psft_ext.token_logprobs(strided, targets.int(), with_entropy=True)
-            psft_ext.psft_loss(strided, targets, temperature=0.7, reduction="none")
+            x = strided.detach().clone().requires_grad_(True)
+            psft_ext.psft_loss(x, targets, temperature=0.7, reduction="none").sum().backward()
             # Rows that share memory (row stride 0), read out of place.
-            ops.psft_forward_backward(strided[:1].expand(n, vocab), targets, None, None, 1.0,
-                                      0.2, 0.28, 0.0, -100, 1.0, torch.ones(n, device=dev))
+            shared = strided[:1].expand(n, vocab)
+            ops.psft_fwd(shared, targets, None, None, params, -100, "mean", None, 0.0, False,
+                         torch.empty(n, vocab, dtype=dtype, device=dev))
             # A bad target id: the range check's kernel finds it and nothing reads the row.
             bad = targets.clone()
             bad[-1] = vocab

@@ -1,22 +1,35 @@
-// Autograd of the three differentiable ops, psft_forward, psft_forward_backward and
-// psft_loss_reduced, registered for every device under the Autograd key.
+// Autograd of the two differentiable ops, psft_fwd (the loss over logits) and linear_fwd (the
+// fused linear loss, whose chunk loops are Python: psft_ext/linear/ops.py), registered for every
+// device under the Autograd key. Only the loss is differentiable, with respect to the logits (or
+// hidden, weight, bias); old log-probs and advantages are constants of the step, as in verl.
 //
-// Why in C++ and not with torch.library.register_autograd (the fakes stay in Python, _ops.py):
-// torch.library's Python autograd wrapper costs about 150 us per call for these 11-argument ops
-// (it re-reads the schema's argument list for each argument to fill defaults, then redispatches
-// from Python), and the backward another ~100 us. For a loss whose kernels take about a
-// millisecond on a GPU that was a fifth of the time. A torch::autograd::Function costs a few
-// microseconds, and torch.compile traces it like any other autograd kernel (the forward calls the
-// op below autograd, which reaches the CPU / CUDA kernels or, while tracing, the Python fakes).
+// Which backward a call gets is decided here, once for both ops:
+//   - reduction "mean" / "sum" (the usual training call): the single pass. The forward writes the
+//     gradient for the upstream gradient loss.backward() gives (1), and the backward only scales
+//     it in place by the actual one (scale_rows_ leaves rows whose factor is exactly 1 alone, so
+//     the usual backward touches nothing); the logits are not kept.
+//   - reduction "none", and float16 logits / compute whatever the reduction: the forward keeps
+//     its per-token stats and the backward reads the logits again (psft_bwd; the fused linear
+//     loss recomputes each chunk's logits) with the actual upstream gradient. For float16 the
+//     single pass would round the gradient to float16 in the forward, for the mean's 1 / num_items,
+//     before a GradScaler's loss scale reached it in the backward: most of a row's (p - y) / den
+//     would flush to zero or to a few-bit subnormal. bfloat16 has float32's range: no such loss.
+//
+// Why C++ (torch::autograd::Function) rather than torch.autograd.Function in Python: measured with
+// benchmarks/bench_overhead.py on this project's 2-core CPU machine, a Python Function around the
+// same op cost about 25 us more per training step's loss call (the forward's apply and the
+// backward's Python frame), a third of the call at small shapes. torch.compile traces these like
+// any autograd kernel: the forward calls the op below autograd, which reaches the CPU / CUDA
+// kernels or, while tracing, the fake kernels (psft_ext/_ops.py, psft_ext/linear/ops.py).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
-
-#include "psft_op_calls.h"
+#include <vector>
 
 namespace psft {
 namespace {
@@ -25,166 +38,266 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+using LinearOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-using op_calls::LossArgs;
-using op_calls::ReducedResult;
+// ---------------------------------------------------------------------------------------------
+// The ops, called through the dispatcher below autograd: the CPU / CUDA kernels, the Python
+// implementations of the linear ops, or the fake kernels while tracing.
 
-// The single-pass functions' backward: the gradient saved in the forward, scaled in place by
-// per-row factors (scale_rows_ skips the rows whose factor is exactly 1, i.e. every row for the
-// usual loss.backward()). An op's kernel does not bump the version counter of the tensor it
-// mutates; bumped here, a second backward through the graph (retain_graph=True) fails the
-// saved-tensor version check instead of rescaling the gradient twice.
-Tensor rescaled_gradient(Tensor grad_logits, const Tensor& factor) {
-  op_calls::scale_rows_(grad_logits, factor);
-  torch::autograd::impl::bump_version(grad_logits);
-  return grad_logits;
+Triple call_psft_fwd(const Tensor& logits, const Tensor& targets, const OptTensor& old,
+                     const OptTensor& adv, c10::ArrayRef<double> params, int64_t ignore_index,
+                     c10::string_view reduction, const OptTensor& num_items,
+                     double num_items_value, bool with_metrics, const OptTensor& grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::psft_fwd", "")
+          .typed<Triple(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                        c10::ArrayRef<double>, int64_t, c10::string_view, const OptTensor&,
+                        double, bool, const OptTensor&)>();
+  return op.call(logits, targets, old, adv, params, ignore_index, reduction, num_items,
+                 num_items_value, with_metrics, grad);
 }
 
-variable_list to_list(const ForwardResult& o) {
-  return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o),
-          std::get<4>(o), std::get<5>(o), std::get<6>(o), std::get<7>(o)};
+void call_psft_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& targets,
+                   const Tensor& stats, c10::ArrayRef<double> params, int64_t ignore_index,
+                   const Tensor& grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::psft_bwd", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      c10::ArrayRef<double>, int64_t, const Tensor&)>();
+  op.call(grad_loss, logits, targets, stats, params, ignore_index, grad);
 }
 
-// psft_forward: only the per-token loss is differentiable; old log-probs and advantages are
-// constants of the step (as in verl). The backward reads the logits again.
-struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
+void call_scale_rows_(const Tensor& grad, const Tensor& factor) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("psft_ext::scale_rows_", "")
+                             .typed<void(const Tensor&, const Tensor&)>();
+  op.call(grad, factor);
+}
+
+LinearOutputs call_linear_fwd(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                              const Tensor& targets, const OptTensor& old, const OptTensor& adv,
+                              const OptTensor& num_items, c10::ArrayRef<double> params,
+                              int64_t ignore_index, c10::string_view reduction,
+                              double num_items_value, bool with_metrics, int64_t chunk_size,
+                              at::ScalarType compute_dtype, bool accumulate_float32,
+                              bool need_hidden, bool need_weight, bool need_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::linear_fwd", "")
+          .typed<LinearOutputs(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                               const OptTensor&, const OptTensor&, const OptTensor&,
+                               c10::ArrayRef<double>, int64_t, c10::string_view, double, bool,
+                               int64_t, at::ScalarType, bool, bool, bool, bool)>();
+  return op.call(hidden, weight, bias, targets, old, adv, num_items, params, ignore_index,
+                 reduction, num_items_value, with_metrics, chunk_size, compute_dtype,
+                 accumulate_float32, need_hidden, need_weight, need_bias);
+}
+
+Triple call_linear_bwd(const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
+                       const OptTensor& bias, const Tensor& targets, const Tensor& stats,
+                       c10::ArrayRef<double> params, int64_t ignore_index, int64_t chunk_size,
+                       at::ScalarType compute_dtype, bool accumulate_float32, bool need_hidden,
+                       bool need_weight, bool need_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("psft_ext::linear_bwd", "")
+          .typed<Triple(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                        const Tensor&, const Tensor&, c10::ArrayRef<double>, int64_t, int64_t,
+                        at::ScalarType, bool, bool, bool, bool)>();
+  return op.call(grad_loss, hidden, weight, bias, targets, stats, params, ignore_index,
+                 chunk_size, compute_dtype, accumulate_float32, need_hidden, need_weight,
+                 need_bias);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+bool single_pass(c10::string_view reduction, at::ScalarType compute_dtype) {
+  return reduction != "none" && compute_dtype != at::kHalf;
+}
+
+// A gradient written in the forward, scaled in place by the upstream scalar. The op does not
+// bump the version counter of what it mutates: bumped here, a second backward through the graph
+// (retain_graph=True) fails the saved-tensor check instead of scaling twice.
+Tensor scaled(Tensor grad, const Tensor& upstream) {
+  // Rows of the gradient's last dimension (a 1-D gradient is one row).
+  const Tensor rows = grad.dim() >= 2 ? grad.view_symint({-1, grad.sym_size(-1)})
+                                      : grad.view_symint({1, grad.sym_size(0)});
+  // The upstream scalar expanded to the rows (a SymInt under torch.compile with dynamic shapes);
+  // scale_rows_ reads it with stride 0, no copy.
+  call_scale_rows_(rows, upstream.to(at::kFloat).expand_symint({rows.sym_size(0)}));
+  torch::autograd::impl::bump_version(grad);
+  return grad;
+}
+
+// The upstream gradient of each of the n tokens' losses: the per-token one for "none", else the
+// scalar's (the stats' coef already carries the reduction's weight).
+Tensor per_token_upstream(const Tensor& upstream, bool none, const c10::SymInt& n) {
+  const Tensor g = upstream.to(at::kFloat);
+  return none ? g : g.expand_symint({n});
+}
+
+struct LossFunction : public torch::autograd::Function<LossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
-                               const OptTensor& old_logprobs, const OptTensor& advantages,
-                               double advantage, double clip_low, double clip_high,
-                               double dual_clip, int64_t ignore_index, double temperature) {
+                               const OptTensor& old, const OptTensor& adv,
+                               c10::ArrayRef<double> params, int64_t ignore_index,
+                               c10::string_view reduction, const OptTensor& num_items,
+                               double num_items_value, bool with_metrics) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
-                        clip_high,    dual_clip,  ignore_index, temperature};
-    variable_list out = to_list(op_calls::psft_forward(logits, targets, args));
-    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
-    ctx->save_for_backward({logits, targets, out[6], out[7]});  // lse, coef
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["temperature"] = temperature;
-    return out;
+    const bool single = single_pass(reduction, logits.scalar_type());
+    Tensor grad;
+    if (single) {
+      grad = at::empty_symint(logits.sym_sizes(),
+                              logits.options().memory_format(at::MemoryFormat::Contiguous));
+    }
+    auto [loss, metrics, stats] =
+        call_psft_fwd(logits, targets, old, adv, params, ignore_index, reduction, num_items,
+                      num_items_value, with_metrics, single ? OptTensor(grad) : std::nullopt);
+    if (single) {
+      ctx->save_for_backward({grad});
+    } else {
+      ctx->save_for_backward({logits, targets, stats});
+      ctx->saved_data["params"] = params.vec();
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["none"] = reduction == "none";
+    }
+    ctx->saved_data["single"] = single;
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({metrics, stats});
+    return {loss, metrics, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor grad_logits =
-        op_calls::psft_backward(grads[0].to(at::kFloat), saved[0], saved[1], saved[2], saved[3],
-                      ctx->saved_data["ignore_index"].toInt(),
-                      ctx->saved_data["temperature"].toDouble());
     variable_list result(10);
-    result[0] = grad_logits;
+    if (!grads[0].defined()) return result;  // the loss did not reach what backward() was called on
+    const variable_list saved = ctx->get_saved_variables();
+    if (ctx->saved_data["single"].toBool()) {
+      result[0] = scaled(saved[0], grads[0]);
+      return result;
+    }
+    const Tensor& logits = saved[0];
+    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+    Tensor grad = at::empty_symint(logits.sym_sizes(),
+                                   logits.options().memory_format(at::MemoryFormat::Contiguous));
+    call_psft_bwd(per_token_upstream(grads[0], ctx->saved_data["none"].toBool(),
+                                     logits.sym_size(0)),
+                  logits, saved[1], saved[2], params, ctx->saved_data["ignore_index"].toInt(),
+                  grad);
+    result[0] = grad;
     return result;
   }
 };
 
-// psft_forward_backward: the gradient was formed in the forward for the upstream gradient
-// `grad_loss` the caller expected; rows whose actual one differs are rescaled in place (for the
-// usual loss.backward() every factor is exactly 1 and nothing is touched). The logits are not
-// kept. scale_rows_ is an op declared as mutating, so AOT autograd functionalizes it rather than
-// meet an in-place update of a saved tensor.
-struct ForwardBackwardFunction : public torch::autograd::Function<ForwardBackwardFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
-                               const OptTensor& old_logprobs, const OptTensor& advantages,
-                               double advantage, double clip_low, double clip_high,
-                               double dual_clip, int64_t ignore_index, double temperature,
-                               const Tensor& grad_loss) {
+Triple psft_fwd_autograd(const Tensor& logits, const Tensor& targets, const OptTensor& old,
+                         const OptTensor& adv, c10::ArrayRef<double> params, int64_t ignore_index,
+                         c10::string_view reduction, const OptTensor& num_items,
+                         double num_items_value, bool with_metrics, const OptTensor& grad) {
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
-                        clip_high,    dual_clip,  ignore_index, temperature};
-    const ForwardBackwardResult o = op_calls::psft_forward_backward(logits, targets, args, grad_loss);
-    variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o),
-                         std::get<3>(o), std::get<4>(o), std::get<5>(o),
-                         std::get<6>(o), std::get<7>(o), std::get<8>(o)};
+    return call_psft_fwd(logits, targets, old, adv, params, ignore_index, reduction, num_items,
+                         num_items_value, with_metrics, grad);
+  }
+  TORCH_CHECK_VALUE(!grad.has_value(), "psft_fwd: `grad` is for logits that need no autograd; "
+                    "these require a gradient, which autograd computes");
+  const variable_list out =
+      LossFunction::apply(logits, targets, old, adv, params, ignore_index, reduction, num_items,
+                          num_items_value, with_metrics);
+  return {out[0], out[1], out[2]};
+}
+
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& weight,
+                               const OptTensor& bias, const Tensor& targets, const OptTensor& old,
+                               const OptTensor& adv, const OptTensor& num_items,
+                               c10::ArrayRef<double> params, int64_t ignore_index,
+                               c10::string_view reduction, double num_items_value,
+                               bool with_metrics, int64_t chunk_size,
+                               at::ScalarType compute_dtype, bool accumulate_float32) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const bool needs[3] = {hidden.requires_grad(), weight.requires_grad(),
+                           bias.has_value() && bias->requires_grad()};
+    const bool single = single_pass(reduction, compute_dtype);
+    auto [loss, metrics, stats, gh, gw, gb] = call_linear_fwd(
+        hidden, weight, bias, targets, old, adv, num_items, params, ignore_index, reduction,
+        num_items_value, with_metrics, chunk_size, compute_dtype, accumulate_float32,
+        single && needs[0], single && needs[1], single && needs[2]);
+    if (single) {
+      ctx->save_for_backward({gh, gw, gb});
+    } else {
+      ctx->save_for_backward({hidden, weight, bias.value_or(Tensor()), targets, stats});
+      ctx->saved_data["params"] = params.vec();
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["none"] = reduction == "none";
+      ctx->saved_data["chunk_size"] = chunk_size;
+      ctx->saved_data["compute_dtype"] = compute_dtype;
+      ctx->saved_data["accumulate_float32"] = accumulate_float32;
+    }
+    ctx->saved_data["single"] = single;
+    ctx->saved_data["needs"] = c10::List<bool>({needs[0], needs[1], needs[2]});
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable(variable_list(out.begin() + 1, out.end()));
-    ctx->save_for_backward({out[8], grad_loss});
-    return out;
+    ctx->mark_non_differentiable({metrics, stats});
+    return {loss, metrics, stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(11);
+    variable_list result(15);
     if (!grads[0].defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
-    result[0] = rescaled_gradient(saved[0], grads[0].to(at::kFloat) / saved[1]);
+    const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
+    Tensor gh, gw, gb;
+    if (ctx->saved_data["single"].toBool()) {
+      if (needs[0]) gh = scaled(saved[0], grads[0]);
+      if (needs[1]) gw = scaled(saved[1], grads[0]);
+      if (needs[2]) gb = scaled(saved[2], grads[0]);
+    } else {
+      const Tensor& hidden = saved[0];
+      const OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+      const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+      std::tie(gh, gw, gb) = call_linear_bwd(
+          per_token_upstream(grads[0], ctx->saved_data["none"].toBool(), hidden.sym_size(0)),
+          hidden, saved[1], bias, saved[3], saved[4], params,
+          ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["chunk_size"].toInt(),
+          ctx->saved_data["compute_dtype"].toScalarType(),
+          ctx->saved_data["accumulate_float32"].toBool(), needs[0], needs[1], needs[2]);
+    }
+    if (needs[0]) result[0] = gh;
+    if (needs[1]) result[1] = gw;
+    if (needs[2]) result[2] = gb;
     return result;
   }
 };
 
-// psft_loss_reduced: one node for the whole reduced loss. The gradient was written in the forward
-// for an upstream gradient of 1; the backward scales it by the actual one (scale_rows_ skips the
-// rows when that is exactly 1, as for loss.backward()). Without with_grad there is no gradient to
-// hand back, and a backward through the loss is an error rather than a silent zero.
-struct ReducedLossFunction : public torch::autograd::Function<ReducedLossFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets,
-                               const OptTensor& old_logprobs, const OptTensor& advantages,
-                               double advantage, double clip_low, double clip_high,
-                               double dual_clip, int64_t ignore_index, double temperature,
-                               const OptTensor& denominator, double denominator_value,
-                               bool with_grad, bool with_metrics) {
+LinearOutputs linear_fwd_autograd(const Tensor& hidden, const Tensor& weight,
+                                  const OptTensor& bias, const Tensor& targets,
+                                  const OptTensor& old, const OptTensor& adv,
+                                  const OptTensor& num_items, c10::ArrayRef<double> params,
+                                  int64_t ignore_index, c10::string_view reduction,
+                                  double num_items_value, bool with_metrics, int64_t chunk_size,
+                                  at::ScalarType compute_dtype, bool accumulate_float32,
+                                  bool need_hidden, bool need_weight, bool need_bias) {
+  const bool any = hidden.requires_grad() || weight.requires_grad() ||
+                   (bias.has_value() && bias->requires_grad());
+  if (!(at::GradMode::is_enabled() && any)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const LossArgs args{old_logprobs, advantages, advantage, clip_low,
-                        clip_high,    dual_clip,  ignore_index, temperature};
-    const ReducedResult o = op_calls::psft_loss_reduced(logits, targets, args, denominator,
-                                                        denominator_value, with_grad,
-                                                        with_metrics);
-    variable_list out = {std::get<0>(o), std::get<1>(o), std::get<2>(o)};
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({out[1], out[2]});
-    ctx->save_for_backward({out[2]});
-    ctx->saved_data["with_grad"] = with_grad;
-    return out;
+    return call_linear_fwd(hidden, weight, bias, targets, old, adv, num_items, params,
+                           ignore_index, reduction, num_items_value, with_metrics, chunk_size,
+                           compute_dtype, accumulate_float32, need_hidden, need_weight,
+                           need_bias);
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(14);
-    if (!grads[0].defined()) return result;
-    TORCH_CHECK(ctx->saved_data["with_grad"].toBool(),
-                "psft_loss_reduced: backward through a loss computed with with_grad=False "
-                "(call it with with_grad=True when the logits need a gradient)");
-    const Tensor grad_logits = ctx->get_saved_variables()[0];
-    // The upstream scalar expanded to the gradient's rows (a SymInt: under torch.compile with
-    // dynamic shapes it is symbolic); scale_rows_ reads it with stride 0, no copy.
-    result[0] = rescaled_gradient(
-        grad_logits, grads[0].to(at::kFloat).expand_symint({grad_logits.sym_size(0)}));
-    return result;
-  }
-};
-
-ForwardResult psft_forward_autograd(const Tensor& logits, const Tensor& targets,
-                                     const OptTensor& old_logprobs, const OptTensor& advantages,
-                                     double advantage, double clip_low, double clip_high,
-                                     double dual_clip, int64_t ignore_index, double temperature) {
-  const variable_list o =
-      ForwardFunction::apply(logits, targets, old_logprobs, advantages, advantage, clip_low,
-                             clip_high, dual_clip, ignore_index, temperature);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
-}
-
-ForwardBackwardResult psft_forward_backward_autograd(
-    const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
-    const OptTensor& advantages, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const Tensor& grad_loss) {
-  const variable_list o =
-      ForwardBackwardFunction::apply(logits, targets, old_logprobs, advantages, advantage,
-                                     clip_low, clip_high, dual_clip, ignore_index, temperature,
-                                     grad_loss);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8]};
-}
-
-ReducedResult psft_loss_reduced_autograd(
-    const Tensor& logits, const Tensor& targets, const OptTensor& old_logprobs,
-    const OptTensor& advantages, double advantage, double clip_low, double clip_high,
-    double dual_clip, int64_t ignore_index, double temperature, const OptTensor& denominator,
-    double denominator_value, bool with_grad, bool with_metrics) {
-  const variable_list o = ReducedLossFunction::apply(
-      logits, targets, old_logprobs, advantages, advantage, clip_low, clip_high, dual_clip,
-      ignore_index, temperature, denominator, denominator_value, with_grad, with_metrics);
-  return {o[0], o[1], o[2]};
+  const variable_list out = LinearFunction::apply(
+      hidden, weight, bias, targets, old, adv, num_items, params, ignore_index, reduction,
+      num_items_value, with_metrics, chunk_size, compute_dtype, accumulate_float32);
+  // The gradients are autograd's to hand out: empty here, as in a call that asks for none.
+  return {out[0], out[1], out[2], at::empty({0}, hidden.options()),
+          at::empty({0}, weight.options()), at::empty({0}, bias.value_or(weight).options())};
 }
 
 }  // namespace
 }  // namespace psft
 
 TORCH_LIBRARY_IMPL(psft_ext, Autograd, m) {
-  m.impl("psft_loss_reduced", &psft::psft_loss_reduced_autograd);
-  m.impl("psft_forward", &psft::psft_forward_autograd);
-  m.impl("psft_forward_backward", &psft::psft_forward_backward_autograd);
+  m.impl("psft_fwd", &psft::psft_fwd_autograd);
+  m.impl("linear_fwd", &psft::linear_fwd_autograd);
 }

@@ -1,9 +1,9 @@
-// The library's switches read from the environment: each is on when set to exactly "1".
-//   PSFT_EXT_SM90_SINGLE_PASS   opt in to the Hopper single-pass kernel (csrc/cuda/psft_cuda.cpp)
-//   PSFT_EXT_CPU_BASELINE       the portable CPU loops even where AVX2 exists (csrc/cpu)
-//   PSFT_EXT_REDUCED_TENSOR_OPS psft_loss_reduced's tensor-op branch on CPU tensors too
-//                               (csrc/psft_reduced.cpp)
-// The last two exist so the CPU test suite covers code that this machine would not otherwise run.
+// The library's two environment switches, each on when set to exactly "1":
+//   PSFT_EXT_CPU_BASELINE      the portable CPU row loops even where the AVX2 ones would run
+//                              (like torch's ATEN_CPU_CAPABILITY=default: rules the AVX2 path in
+//                              or out when a result looks wrong); read once (csrc/cpu)
+//   PSFT_EXT_SM90_SINGLE_PASS  opts in to the Hopper single-pass kernel, not yet verified on a
+//                              GPU; read by the CUDA kernel choice (csrc/cuda/psft_cuda.cpp)
 #pragma once
 
 #include <cstdlib>

@@ -24,7 +24,9 @@ namespace psft {
 // verl clamps the log-ratio to [-20, 20] before exponentiating; outside it the gradient is zero.
 constexpr float kLogRatioClamp = 20.0f;
 
-// Hyper-parameters of one loss call, identical for every token.
+// Hyper-parameters of one loss call, identical for every token: the C++ mirror of
+// psft_ext.LossParams, which validates them and packs them as a list of floats in PackedParam
+// order (the ops' `float[] params`); ignore_index travels as an int.
 struct LossParams {
   float clip_low = 0.2f;
   float clip_high = 0.28f;
@@ -33,6 +35,38 @@ struct LossParams {
   float inv_temperature = 1.0f;
   int64_t ignore_index = -100;
 };
+
+// The packed list's layout. psft_ext checks at import that its packing names these, in order.
+enum PackedParam : int { kClipLow, kClipHigh, kDualClip, kTemperature, kAdvantage, kPackedParams };
+constexpr const char* kPackedParamNames[kPackedParams] = {"clip_low", "clip_high", "dual_clip",
+                                                          "temperature", "advantage"};
+
+inline LossParams unpack_params(const double* packed, int64_t ignore_index) {
+  LossParams p;
+  p.clip_low = static_cast<float>(packed[kClipLow]);
+  p.clip_high = static_cast<float>(packed[kClipHigh]);
+  p.dual_clip = static_cast<float>(packed[kDualClip]);
+  p.inv_temperature = static_cast<float>(1.0 / packed[kTemperature]);
+  p.advantage = static_cast<float>(packed[kAdvantage]);
+  p.ignore_index = ignore_index;
+  return p;
+}
+
+// The forward's per-token float32 outputs: the rows of one (kTokenStats, N) tensor. Ignored tokens
+// hold 0 in every row. lse and coef are what the backward reads: the gradient of the loss the op
+// returns is coef * (softmax(x) - [j == y]) / tau per row, so for reduction "mean" coef already
+// carries the 1 / denominator (TokenLoss::coef divided by it).
+enum TokenStat : int { kLoss, kLogp, kEntropy, kRatio, kLogRatio, kClipped, kLse, kCoef,
+                       kTokenStats };
+constexpr const char* kTokenStatNames[kTokenStats] = {"loss",      "logp",    "entropy", "ratio",
+                                                      "log_ratio", "clipped", "lse",     "coef"};
+
+// The metrics of one call (psft_ext.PSFTMetrics): token means over the non-ignored tokens of
+// -logp, entropy, clipped, -log_ratio and ratio, then the number of those tokens.
+enum Metric : int { kNll, kEntropyMean, kClipFraction, kApproxKl, kRatioMean, kNumTokens,
+                    kMetrics };
+constexpr const char* kMetricNames[kMetrics] = {"nll",       "entropy",    "clip_fraction",
+                                                "approx_kl", "ratio_mean", "num_tokens"};
 
 // Everything the loss produces for one token, given its log-prob.
 struct TokenLoss {

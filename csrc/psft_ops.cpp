@@ -1,13 +1,17 @@
-// Op schemas of the psft_ext library and the Python module stub.
+// The psft_ext op library: its schemas, build_info, and the Python module stub.
 //
-// The schemas live here; the CPU kernels register their implementations in
-// csrc/cpu/psft_cpu.cpp and the CUDA ones in csrc/cuda/psft_cuda.cpp, the device-generic
-// psft_loss_reduced in csrc/psft_reduced.cpp, autograd in csrc/psft_autograd.cpp. Fake (meta) kernels are registered from Python (psft_ext/_ops.py), so the
-// ops work under torch.compile.
+// Five ops: the loss over logits (psft_fwd, with its backward psft_bwd and the in-place rescale
+// scale_rows_) and the fused linear loss (linear_fwd, linear_bwd). The logits ops' kernels are in
+// csrc/psft_ops_impl.cpp, the linear ops' chunk loops in Python (psft_ext/linear/ops.py), which
+// also registers their fake kernels (the logits ops': psft_ext/_ops.py). psft_fwd and linear_fwd
+// are differentiable (csrc/psft_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "psft_kernels.h"
+#include "psft_math.h"
 
 extern "C" {
 // `import psft_ext._C` loads this shared library and with it the TORCH_LIBRARY registrations.
@@ -17,20 +21,20 @@ PyObject* PyInit__C(void) {
 }
 }
 
-namespace psft {
-namespace cpu {
-// "avx2" or "baseline": the CPU row loops picked at run time (csrc/cpu/psft_cpu.cpp).
-const char* kernel_isa();
-}  // namespace cpu
-}  // namespace psft
-
 namespace {
 
 #ifndef PSFT_CUDA_ARCHS
 #define PSFT_CUDA_ARCHS ""
 #endif
 
-// Which kernels this binary holds (and which CPU loops this process runs), as JSON;
+std::string json_names(const char* const* names, int count) {
+  std::string s = "[";
+  for (int i = 0; i < count; ++i) s += std::string(i ? ", " : "") + "\"" + names[i] + "\"";
+  return s + "]";
+}
+
+// Which kernels this binary holds, which CPU loops this process runs, and the layouts the Python
+// side relies on (the packed parameters, the stats rows, the metrics), as JSON;
 // psft_ext.build_info() adds the Python-side facts.
 std::string build_info() {
   std::string info = "{\"cpu\": true, \"cpu_kernels\": \"";
@@ -41,62 +45,55 @@ std::string build_info() {
 #else
   info += "false, \"cuda_archs\": \"\"";
 #endif
-  info += ", \"compiler\": \"" __VERSION__ "\"}";
+  info += ", \"compiler\": \"" __VERSION__ "\"";
+  info += ", \"packed_params\": " + json_names(psft::kPackedParamNames, psft::kPackedParams);
+  info += ", \"token_stats\": " + json_names(psft::kTokenStatNames, psft::kTokenStats);
+  info += ", \"metrics\": " + json_names(psft::kMetricNames, psft::kMetrics) + "}";
   return info;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(psft_ext, m) {
-  // Fused PSFT forward over rows of logits. Returns per-token float32 vectors of length N:
-  // loss, logp, entropy, ratio, log_ratio (clamped), clipped (0/1), and the two values the
-  // backward needs, lse and coef. Ignored rows get 0 everywhere.
+  // The loss over N rows of logits. params: the packed hyper-parameters (psft_ext.LossParams).
+  // Returns (loss, metrics, stats):
+  //   loss: the per-token losses (N,) for reduction "none"; else their sum, divided for "mean"
+  //     by num_items (a one-element tensor), else num_items_value if > 0, else the number of
+  //     non-ignored targets (at least 1);
+  //   metrics: with_metrics ? float32 (6,) in psft_ext.PSFTMetrics' order : empty;
+  //   stats: float32 (8, N), the per-token outputs (psft_math.h, TokenStat), 0 for ignored rows.
+  // With grad (dense (N, V), the logits' dtype; may be the logits themselves), the gradient of
+  // the returned loss (of the sum of the losses for "none") is written into it in the same pass.
   m.def(
-      "psft_forward(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
-      "float advantage, float clip_low, float clip_high, float dual_clip, int ignore_index, "
-      "float temperature) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Gradient of sum_t grad_loss[t] * loss[t] with respect to the logits, in the logits' dtype.
+      "psft_fwd(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
+      "float[] params, int ignore_index, str reduction, Tensor? num_items, float num_items_value, "
+      "bool with_metrics, Tensor(a!)? grad) -> (Tensor, Tensor, Tensor)");
+  // The gradient of sum_t grad_loss[t] * loss[t] from the forward's stats, written into grad
+  // (dense (N, V), the logits' dtype; may be the logits themselves).
   m.def(
-      "psft_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, Tensor coef, "
-      "int ignore_index, float temperature) -> Tensor");
-  // The same gradient written over the (contiguous) logits.
-  m.def(
-      "psft_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor targets, Tensor lse, "
-      "Tensor coef, int ignore_index, float temperature) -> ()");
-  // Single pass: psft_forward's eight outputs and, from the same read of each row, the gradient
-  // of sum_t grad_loss[t] * loss[t] (grad_loss is the upstream gradient the caller expects, e.g.
-  // 1 / num_tokens for a mean). The backward then only rescales rows whose actual upstream
-  // gradient differs (scale_rows_), and the logits need not be kept for it.
-  m.def(
-      "psft_forward_backward(Tensor logits, Tensor targets, Tensor? old_logprobs, "
-      "Tensor? advantages, float advantage, float clip_low, float clip_high, float dual_clip, "
-      "int ignore_index, float temperature, Tensor grad_loss) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same with the gradient written over the (contiguous) logits: no N x V buffer besides the
-  // logits (the fused linear loss uses it on each chunk of logits it owns).
-  m.def(
-      "psft_forward_backward_(Tensor(a!) logits, Tensor targets, Tensor? old_logprobs, "
-      "Tensor? advantages, float advantage, float clip_low, float clip_high, float dual_clip, "
-      "int ignore_index, float temperature, Tensor grad_loss) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
-  // The loss reduced to one number in one op (psft_ext.psft_loss's "mean" and "sum"; the steps
-  // are in csrc/psft_reduced.cpp): sum_t loss[t] / den with den = denominator (a one-element
-  // tensor) if given, else denominator_value if > 0 (1 for a sum), else max(num_tokens, 1).
-  // Returns (loss, metrics, grad). metrics (with_metrics; else empty) is float32 (6,): the token
-  // means of -logp, entropy, clipped, -log_ratio and ratio, then num_tokens (PSFTMetrics' order).
-  // grad (with_grad; else empty) is d loss / d logits, written in the same pass over the logits
-  // for an upstream gradient of 1; the backward rescales it when the actual one differs.
-  m.def(
-      "psft_loss_reduced(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
-      "float advantage, float clip_low, float clip_high, float dual_clip, int ignore_index, "
-      "float temperature, Tensor? denominator, float denominator_value, bool with_grad, "
-      "bool with_metrics) -> (Tensor, Tensor, Tensor)");
+      "psft_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor stats, float[] params, "
+      "int ignore_index, Tensor(a!) grad) -> ()");
   // grad[r, :] *= factor[r] in place, for the rows whose factor is not exactly 1 (the others are
-  // not touched: the usual loss.backward() costs no pass over the gradient).
+  // not touched: scaling by the usual upstream gradient of 1 costs no pass over the gradient).
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
-  // Log-probs of the targets (0 where ignored) and per-token entropy; no autograd.
+  // psft_fwd over the logits hidden @ weight.T + bias, formed chunk_size rows at a time (0: chosen
+  // from the shapes and the free memory) in compute_dtype, never all at once. Returns psft_fwd's
+  // (loss, metrics, stats), then (grad_hidden, grad_weight, grad_bias): the gradients of the
+  // returned loss for the inputs whose need_* is set (outside autograd; autograd sets them
+  // itself), empty tensors for the others. accumulate_float32: grad_weight of a 2-byte weight is
+  // accumulated across chunks in float32 (else in its own dtype).
   m.def(
-      "token_logprobs(Tensor logits, Tensor targets, int ignore_index, float temperature) "
-      "-> (Tensor, Tensor)");
+      "linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor? old_logprobs, Tensor? advantages, Tensor? num_items, float[] params, "
+      "int ignore_index, str reduction, float num_items_value, bool with_metrics, int chunk_size, "
+      "ScalarType compute_dtype, bool accumulate_float32, bool need_hidden, bool need_weight, "
+      "bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients (hidden, weight, bias; empty where not needed) of sum_t grad_loss[t] * loss[t]
+  // from linear_fwd's stats, recomputing the chunks' logits.
+  m.def(
+      "linear_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor stats, float[] params, int ignore_index, int chunk_size, ScalarType compute_dtype, "
+      "bool accumulate_float32, bool need_hidden, bool need_weight, bool need_bias) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }

@@ -9,13 +9,16 @@
 from .build_info import build_info
 from .labels import shift_labels
 from .linear import linear_psft_loss, linear_token_logprobs
-from .loss import PSFTMetrics, psft_loss, token_logprobs
+from .loss import psft_loss, token_logprobs
+from .metrics import PSFTMetrics
 from .module import PSFTLoss
+from .params import LossParams
 from . import reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossParams",
     "PSFTLoss",
     "PSFTMetrics",
     "build_info",

@@ -1,17 +1,17 @@
-"""Loads the compiled ops and registers their fake (meta) kernels and autograd.
+"""Loads the compiled ops and registers their fake kernels.
 
-The C++ library (csrc/psft_ops.cpp) defines the ops of the ``psft_ext`` namespace:
-``psft_forward`` / ``psft_backward`` (the two-pass pair), ``psft_forward_backward`` (one pass that
-also returns the gradient for an expected upstream gradient), its in-place variant
-``psft_forward_backward_`` and the backward's ``psft_backward_`` (both write the gradient over
-the logits), ``psft_loss_reduced`` (the "mean" / "sum" loss in one op, csrc/psft_reduced.cpp),
-``scale_rows_`` and ``token_logprobs``. Registering their fake kernels here,
-through ``torch.library``, is what lets ``torch.compile`` trace callers without graph breaks and
-lets ``torch.library.opcheck`` verify the ops. The autograd of the three differentiable ops
-(``psft_forward``, ``psft_forward_backward``, ``psft_loss_reduced``) is registered in C++
-(csrc/psft_autograd.cpp):
-torch.library's Python autograd wrapper cost about 150 us per call for these ops.
+The C++ library (csrc/psft_ops.cpp) defines three ops in the ``psft_ext`` namespace: ``psft_fwd``
+(the loss, its metrics and per-token stats, and optionally the gradient written in the same
+pass), ``psft_bwd`` (the gradient from the forward's stats) and ``scale_rows_``. They have no
+autograd of their own: psft_ext/loss.py and psft_ext/linear/ wrap them in
+``torch.autograd.Function``. The fake kernels registered here let ``torch.compile`` trace the
+callers without graph breaks and ``torch.library.opcheck`` verify the ops.
+
+The layouts both sides rely on are defined once, in csrc/psft_math.h, and read from the library
+here: the names of the stats rows, of the metrics and of the packed hyper-parameters.
 """
+
+import json
 
 import torch
 
@@ -25,55 +25,29 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 ops = torch.ops.psft_ext
 
+_LAYOUT = json.loads(ops.build_info())
+# Row of each per-token output in psft_fwd's (len(TOKEN_STATS), N) stats.
+TOKEN_STATS = {name: row for row, name in enumerate(_LAYOUT["token_stats"])}
+# psft_fwd's metrics, in order.
+METRIC_NAMES = tuple(_LAYOUT["metrics"])
+# The packed hyper-parameters the ops take, in order.
+PACKED_PARAMS = tuple(_LAYOUT["packed_params"])
 
-@torch.library.register_fake("psft_ext::psft_forward")
-def _psft_forward_fake(logits, targets, old_logprobs, advantages, advantage, clip_low, clip_high,
-                       dual_clip, ignore_index, temperature):
+
+@torch.library.register_fake("psft_ext::psft_fwd")
+def _psft_fwd_fake(logits, targets, old_logprobs, advantages, params, ignore_index, reduction,
+                   num_items, num_items_value, with_metrics, grad):
     n = logits.shape[0]
-    return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(8))
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
+    metrics = logits.new_empty((len(METRIC_NAMES) if with_metrics else 0,), dtype=torch.float32)
+    return loss, metrics, logits.new_empty((len(TOKEN_STATS), n), dtype=torch.float32)
 
 
-@torch.library.register_fake("psft_ext::psft_backward")
-def _psft_backward_fake(grad_loss, logits, targets, lse, coef, ignore_index, temperature):
-    return logits.new_empty(logits.shape)
-
-
-@torch.library.register_fake("psft_ext::psft_backward_")
-def _psft_backward_inplace_fake(grad_loss, logits, targets, lse, coef, ignore_index, temperature):
+@torch.library.register_fake("psft_ext::psft_bwd")
+def _psft_bwd_fake(grad_loss, logits, targets, stats, params, ignore_index, grad):
     return None
-
-
-@torch.library.register_fake("psft_ext::psft_forward_backward")
-def _psft_forward_backward_fake(logits, targets, old_logprobs, advantages, advantage, clip_low,
-                                clip_high, dual_clip, ignore_index, temperature, grad_loss):
-    n = logits.shape[0]
-    outs = tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(8))
-    return outs + (logits.new_empty(logits.shape),)
-
-
-@torch.library.register_fake("psft_ext::psft_forward_backward_")
-def _psft_forward_backward_inplace_fake(logits, targets, old_logprobs, advantages, advantage,
-                                        clip_low, clip_high, dual_clip, ignore_index, temperature,
-                                        grad_loss):
-    n = logits.shape[0]
-    return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(8))
-
-
-@torch.library.register_fake("psft_ext::psft_loss_reduced")
-def _psft_loss_reduced_fake(logits, targets, old_logprobs, advantages, advantage, clip_low,
-                            clip_high, dual_clip, ignore_index, temperature, denominator,
-                            denominator_value, with_grad, with_metrics):
-    loss = logits.new_empty((), dtype=torch.float32)
-    metrics = logits.new_empty((6,) if with_metrics else (0,), dtype=torch.float32)
-    return loss, metrics, logits.new_empty(logits.shape if with_grad else (0,))
 
 
 @torch.library.register_fake("psft_ext::scale_rows_")
 def _scale_rows_fake(grad, factor):
     return None
-
-
-@torch.library.register_fake("psft_ext::token_logprobs")
-def _token_logprobs_fake(logits, targets, ignore_index, temperature):
-    n = logits.shape[0]
-    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)

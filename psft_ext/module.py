@@ -1,42 +1,38 @@
-"""``PSFTLoss``: the fused loss as an ``nn.Module`` holding its hyper-parameters."""
+"""``PSFTLoss``: the fused loss as an ``nn.Module`` holding its options."""
 
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .loss import psft_loss
+from .loss import logits_loss
+from .params import OPTION_NAMES, loss_params
 
 
 class PSFTLoss(nn.Module):
-    """Holds the PSFT hyper-parameters (defaults: the authors' recipe) and calls
-    :func:`psft_ext.psft_loss`.
+    """:func:`psft_ext.psft_loss` with its options fixed at construction (defaults: the authors'
+    recipe): ``PSFTLoss(clip_low=0.2, clip_high=0.28, reduction="mean", return_metrics=False,
+    ...)``, any :class:`psft_ext.LossParams` field as a keyword. The options are read back as
+    attributes (``loss_fn.clip_low``) and as one object, ``loss_fn.params``.
 
     ``forward(logits, targets, old_logprobs=None, advantages=1.0, num_items=None)``.
     """
 
-    def __init__(self, clip_low: float = 0.2, clip_high: float = 0.28,
-                 dual_clip: Optional[float] = None, ignore_index: int = -100,
-                 temperature: float = 1.0, reduction: str = "mean",
-                 return_metrics: bool = False):
+    def __init__(self, *, return_metrics: bool = False, **options):
         super().__init__()
-        self.clip_low = clip_low
-        self.clip_high = clip_high
-        self.dual_clip = dual_clip
-        self.ignore_index = ignore_index
-        self.temperature = temperature
-        self.reduction = reduction
+        self.params = loss_params("PSFTLoss", options)
         self.return_metrics = return_metrics
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("params")
+        if params is not None and name in OPTION_NAMES:
+            return getattr(params, name)
+        return super().__getattr__(name)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 old_logprobs: Optional[torch.Tensor] = None, advantages=1.0, num_items=None):
-        return psft_loss(
-            logits, targets, old_logprobs, advantages=advantages, clip_low=self.clip_low,
-            clip_high=self.clip_high, dual_clip=self.dual_clip, ignore_index=self.ignore_index,
-            temperature=self.temperature, reduction=self.reduction, num_items=num_items,
-            return_metrics=self.return_metrics)
+        return logits_loss(logits, targets, old_logprobs, self.params, advantages, num_items,
+                           self.return_metrics, fn="PSFTLoss")
 
     def extra_repr(self) -> str:
-        return (f"clip_low={self.clip_low}, clip_high={self.clip_high}, "
-                f"dual_clip={self.dual_clip}, ignore_index={self.ignore_index}, "
-                f"temperature={self.temperature}, reduction={self.reduction!r}")
+        return ", ".join(f"{name}={getattr(self.params, name)!r}" for name in OPTION_NAMES)

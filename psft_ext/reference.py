@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from .loss import PSFTMetrics
+from .metrics import PSFTMetrics
 
 
 def _compute_dtype(logits):

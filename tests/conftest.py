@@ -200,16 +200,24 @@ def make_case(
     )
 
 
-def loss_op_args(case, logits=None):
-    """A case's arguments of the loss ops (psft_forward's schema) with flat rows: logits (the
-    case's, detached, unless given), targets, old log-probs, per-token advantages, then the
-    scalars."""
+def op_params(case, advantage=1.0):
+    """The case's hyper-parameters packed as the ops take them (psft_ext.LossParams.packed and
+    the scalar advantage)."""
+    kw = dict(case.kwargs)
+    kw.pop("ignore_index")
+    return list(psft_ext.LossParams(**kw).packed) + [advantage]
+
+
+def fwd_args(case, logits=None, *, reduction="none", with_old=True, with_adv=True,
+             num_items=None, num_items_value=0.0, with_metrics=False, grad=None):
+    """A case's arguments of ``psft_fwd`` with flat rows: logits (the case's, detached, unless
+    given), targets, old log-probs, per-token advantages, the packed parameters, ignore_index,
+    then the reduction's and the gradient's arguments."""
     x = case.logits.detach().reshape(-1, case.logits.shape[-1]) if logits is None else logits
-    dual = case.kwargs["dual_clip"]
-    return (x, case.targets.reshape(-1), case.old_logprobs.reshape(-1),
-            case.advantages.reshape(-1).float(), 1.0, case.kwargs["clip_low"],
-            case.kwargs["clip_high"], 0.0 if dual is None else dual, case.ignore_index,
-            case.kwargs["temperature"])
+    old = case.old_logprobs.reshape(-1) if with_old else None
+    adv = case.advantages.reshape(-1).float() if with_adv else None
+    return (x, case.targets.reshape(-1), old, adv, op_params(case), case.ignore_index,
+            reduction, num_items, num_items_value, with_metrics, grad)
 
 
 def _check_margins(logp64, old, valid, clip_low, clip_high, dual_clip):

@@ -36,14 +36,23 @@ def _inputs(vocab, dtype, seed):
     return z.to(dtype), targets, old
 
 
+PARAMS = [0.2, 0.28, 0.0, 0.8, 1.0]  # clip_low, clip_high, dual_clip, temperature, advantage
+
+
 def _forward(x, targets, old):
-    return ops.psft_forward(x, targets, old, None, 1.0, 0.2, 0.28, 0.0, -100, 0.8)
+    """The per-token outputs (psft_fwd's stats rows)."""
+    return ops.psft_fwd(x, targets, old, None, PARAMS, -100, "none", None, 0.0, False, None)[2]
+
+
+def _backward(x, targets, old, grad):
+    ops.psft_bwd(torch.full((x.shape[0],), 0.5), x, targets, _forward(x, targets, old), PARAMS,
+                 -100, grad)
 
 
 def _grad(x, targets, old):
-    out = _forward(x, targets, old)
-    g = torch.full((x.shape[0],), 0.5)
-    return ops.psft_backward(g, x, targets, out[6], out[7], -100, 0.8)
+    grad = torch.empty_like(x)
+    _backward(x, targets, old, grad)
+    return grad
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
@@ -63,14 +72,14 @@ def test_low_precision_reads_and_rounds_like_float32(dtype, vocab):
 
 @pytest.mark.parametrize("vocab", [9, 2049])
 def test_in_place_gradient_matches(vocab):
-    """psft_backward_ writes over the row it reads (the target's logit is read first)."""
+    """psft_bwd writes over the row it reads when grad is the logits (the target's logit is
+    read first)."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, targets, old = _inputs(vocab, dtype, seed=100 + vocab)
-        out = _forward(x, targets, old)
-        g = torch.full((4,), 0.5)
-        expected = ops.psft_backward(g, x, targets, out[6], out[7], -100, 0.8)
+        expected = _grad(x, targets, old)
         work = x.clone()
-        ops.psft_backward_(g, work, targets, out[6], out[7], -100, 0.8)
+        ops.psft_bwd(torch.full((4,), 0.5), work, targets, _forward(x, targets, old), PARAMS,
+                     -100, work)
         torch.testing.assert_close(work, expected, rtol=0, atol=0, equal_nan=True)
 
 

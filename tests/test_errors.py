@@ -18,10 +18,12 @@ def _inputs(n=6, vocab=11, device="cpu", dtype=torch.float32):
     return logits, targets
 
 
-def _forward_args(logits, targets, old=None, adv=None, advantage=1.0, clip_low=0.2,
-                  clip_high=0.28, dual_clip=0.0, ignore_index=-100, temperature=1.0):
-    return (logits, targets, old, adv, advantage, clip_low, clip_high, dual_clip, ignore_index,
-            temperature)
+def _fwd(logits, targets, old=None, adv=None, advantage=1.0, clip_low=0.2, clip_high=0.28,
+         dual_clip=0.0, ignore_index=-100, temperature=1.0):
+    """psft_fwd, per-token, without a gradient: its stats."""
+    return ops.psft_fwd(logits, targets, old, adv,
+                        [clip_low, clip_high, dual_clip, temperature, advantage], ignore_index,
+                        "none", None, 0.0, False, None)[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +145,7 @@ def test_ops_int32_targets_with_ignore_index_outside_int32(ignore_index):
     it: the kernels compare in int64, so a target the check took for ignored is read."""
     logits, targets = _int32_wrap_case()
     with pytest.raises(ValueError, match="target id -100 at position 20"):
-        ops.psft_forward(*_forward_args(logits, targets, ignore_index=ignore_index))
-    with pytest.raises(ValueError, match="target id -100 at position 20"):
-        ops.token_logprobs(logits, targets, ignore_index, 1.0)
+        _fwd(logits, targets, ignore_index=ignore_index)
 
 
 def test_old_logprobs_bad():
@@ -256,15 +256,12 @@ def test_ops_target_out_of_range(targets, bad, pos):
     logits = torch.randn(targets.shape[0], 11)
     pattern = rf"target id {bad} at position {pos}\b.*vocabulary of 11"
     with pytest.raises(ValueError, match=pattern):
-        ops.psft_forward(*_forward_args(logits, targets))
-    with pytest.raises(ValueError, match=pattern):
-        ops.token_logprobs(logits, targets, -100, 1.0)
+        _fwd(logits, targets)
 
 
 def test_ops_dtypes():
     logits, targets = _inputs()
-    for op_call in (lambda x, t: ops.psft_forward(*_forward_args(x, t)),
-                    lambda x, t: ops.token_logprobs(x, t, -100, 1.0)):
+    for op_call in (_fwd,):
         with pytest.raises(TypeError, match="logits must be float32, bfloat16 or float16"):
             op_call(logits.double(), targets)
         with pytest.raises(TypeError, match="logits must be float32, bfloat16 or float16"):
@@ -277,8 +274,7 @@ def test_ops_dtypes():
 
 def test_ops_shapes():
     logits, targets = _inputs()
-    for op_call in (lambda x, t: ops.psft_forward(*_forward_args(x, t)),
-                    lambda x, t: ops.token_logprobs(x, t, -100, 1.0)):
+    for op_call in (_fwd,):
         with pytest.raises(ValueError, match="logits must be 2-D"):
             op_call(logits.view(2, 3, 11), targets)
         with pytest.raises(ValueError, match="logits must be 2-D"):
@@ -294,13 +290,13 @@ def test_ops_shapes():
 def test_ops_per_token_tensors():
     logits, targets = _inputs()
     with pytest.raises(ValueError, match=r"old_logprobs must have shape \(N,\) = \(6,\)"):
-        ops.psft_forward(*_forward_args(logits, targets, old=torch.zeros(5)))
+        _fwd(logits, targets, old=torch.zeros(5))
     with pytest.raises(TypeError, match="old_logprobs must be float32"):
-        ops.psft_forward(*_forward_args(logits, targets, old=torch.zeros(6, dtype=torch.float64)))
+        _fwd(logits, targets, old=torch.zeros(6, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"advantages must have shape \(N,\)"):
-        ops.psft_forward(*_forward_args(logits, targets, adv=torch.zeros(6, 1)))
+        _fwd(logits, targets, adv=torch.zeros(6, 1))
     with pytest.raises(TypeError, match="advantages must be float32"):
-        ops.psft_forward(*_forward_args(logits, targets, adv=torch.zeros(6, dtype=torch.half)))
+        _fwd(logits, targets, adv=torch.zeros(6, dtype=torch.half))
 
 
 @pytest.mark.parametrize(
@@ -315,32 +311,35 @@ def test_ops_per_token_tensors():
 def test_ops_scalar_checks(kwargs, name):
     logits, targets = _inputs()
     with pytest.raises(ValueError, match=name):
-        ops.psft_forward(*_forward_args(logits, targets, **kwargs))
-    if name == "temperature":
-        with pytest.raises(ValueError, match=name):
-            ops.token_logprobs(logits, targets, -100, kwargs["temperature"])
+        _fwd(logits, targets, **kwargs)
 
 
 def test_ops_backward_checks():
     logits, targets = _inputs()
-    out = ops.psft_forward(*_forward_args(logits, targets))
-    lse, coef = out[6], out[7]
+    stats = _fwd(logits, targets)
     g = torch.ones(6)
-    ops.psft_backward(g, logits, targets, lse, coef, -100, 1.0)  # fine
+    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+
+    def bwd(g=g, logits=logits, targets=targets, stats=stats, params=params):
+        ops.psft_bwd(g, logits, targets, stats, params, -100, torch.empty(logits.shape))
+
+    bwd()  # fine
     with pytest.raises(ValueError, match="grad_loss must have shape"):
-        ops.psft_backward(g[:5], logits, targets, lse, coef, -100, 1.0)
+        bwd(g=g[:5])
     with pytest.raises(TypeError, match="grad_loss must be float32"):
-        ops.psft_backward(g.double(), logits, targets, lse, coef, -100, 1.0)
-    with pytest.raises(ValueError, match="lse must have shape"):
-        ops.psft_backward(g, logits, targets, lse[:3], coef, -100, 1.0)
-    with pytest.raises(ValueError, match="coef must have shape"):
-        ops.psft_backward(g, logits, targets, lse, coef.view(2, 3), -100, 1.0)
+        bwd(g=g.double())
+    with pytest.raises(ValueError, match="stats must have shape"):
+        bwd(stats=stats[:, :3])
+    with pytest.raises(ValueError, match="stats must have shape"):
+        bwd(stats=stats[:7])
     with pytest.raises(ValueError, match="logits must be 2-D"):
-        ops.psft_backward(g, logits.view(-1), targets, lse, coef, -100, 1.0)
+        bwd(logits=logits.view(-1))
     with pytest.raises(ValueError, match="targets must have shape"):
-        ops.psft_backward(g, logits, targets[:4], lse, coef, -100, 1.0)
+        bwd(targets=targets[:4])
     with pytest.raises(ValueError, match="temperature"):
-        ops.psft_backward(g, logits, targets, lse, coef, -100, 0.0)
+        bwd(params=[0.2, 0.28, 0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="params must hold 5 numbers"):
+        bwd(params=[0.2, 0.28, 0.0, 1.0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,9 +356,7 @@ def test_cuda_logits_cpu_targets():
         with pytest.raises(ValueError, match="targets are on cpu but logits are on cuda"):
             fn(logits, targets.cpu())
     with pytest.raises(ValueError, match="targets are on cpu but logits are on cuda"):
-        ops.psft_forward(*_forward_args(logits, targets.cpu()))
-    with pytest.raises(ValueError, match="targets are on cpu but logits are on cuda"):
-        ops.token_logprobs(logits, targets.cpu(), -100, 1.0)
+        _fwd(logits, targets.cpu())
 
 
 @cuda_only

@@ -138,5 +138,6 @@ def test_public_api():
     assert isinstance(psft_ext.__version__, str)
     assert psft_ext.PSFTMetrics._fields == ("nll", "entropy", "clip_fraction", "approx_kl",
                                             "ratio_mean", "num_tokens")
-    for name in ("psft_forward", "psft_backward", "token_logprobs", "build_info"):
+    for name in ("psft_fwd", "psft_bwd", "scale_rows_", "linear_fwd", "linear_bwd",
+                 "build_info"):
         assert hasattr(torch.ops.psft_ext, name), name

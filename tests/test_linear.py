@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import psft_ext
-from psft_ext import linear, reference
+from psft_ext import reference
+from psft_ext.linear import accumulate, chunks
+from psft_ext.linear import ops as linear_ops
 
 from conftest import DTYPES, LOW_PRECISION, assert_close_scaled, dtype_id, generator, make_case
 
@@ -326,13 +328,13 @@ def test_chunk_sizes(device, chunk_size):
 
 def _count_matmul_chunks(monkeypatch):
     calls = []
-    original = linear._chunk_logits
+    original = linear_ops.chunk_logits
 
     def counting(h, weight, bias):
         calls.append(h.shape[0])
         return original(h, weight, bias)
 
-    monkeypatch.setattr(linear, "_chunk_logits", counting)
+    monkeypatch.setattr(linear_ops, "chunk_logits", counting)
     return calls
 
 
@@ -384,15 +386,15 @@ def test_no_tokens(device, reduction):
 
 def test_auto_chunk_rows():
     cpu = torch.device("cpu")
-    budget_rows = linear.CPU_CHUNK_BYTES // (4 * 32000)
-    rows = linear.auto_chunk_rows(10**6, 32000, 1024, cpu)
+    budget_rows = chunks.CPU_CHUNK_BYTES // (4 * 32000)
+    rows = chunks.auto_chunk_rows(10**6, 32000, 1024, cpu)
     assert rows % 8 == 0 and budget_rows - 8 <= rows <= budget_rows + 8
-    assert linear.auto_chunk_rows(3, 32000, 1024, cpu) == 3
-    assert linear.auto_chunk_rows(0, 32000, 1024, cpu) == 1
-    assert linear.auto_chunk_rows(100, 10**9, 1024, cpu) == 1  # a row bigger than the budget
+    assert chunks.auto_chunk_rows(3, 32000, 1024, cpu) == 3
+    assert chunks.auto_chunk_rows(0, 32000, 1024, cpu) == 1
+    assert chunks.auto_chunk_rows(100, 10**9, 1024, cpu) == 1  # a row bigger than the budget
     # Equal chunks: 1.1 budgets of rows make two chunks of 0.55, not a full one and a remainder.
     n = budget_rows * 11 // 10
-    assert linear.auto_chunk_rows(n, 32000, 1024, cpu) == -(-n // 16) * 8
+    assert chunks.auto_chunk_rows(n, 32000, 1024, cpu) == -(-n // 16) * 8
 
 
 def test_auto_chunk_rows_cuda_counts_the_allocator_cache(monkeypatch):
@@ -407,27 +409,27 @@ def test_auto_chunk_rows_cuda_counts_the_allocator_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["allocated"])
     dev = torch.device("cuda")
     # 31 GiB available: the budget decides (bf16 weight: H / 2 rows), not 1 GiB free.
-    assert linear.auto_chunk_rows(16384, 151936, 4096, dev, True) == 2048
-    budget = linear.CUDA_CHUNK_BYTES // (4 * 151936)
-    assert linear.auto_chunk_rows(10**6, 151936, 4096, dev) == -(-budget // 128) * 128
+    assert chunks.auto_chunk_rows(16384, 151936, 4096, dev, True) == 2048
+    budget = chunks.CUDA_CHUNK_BYTES // (4 * 151936)
+    assert chunks.auto_chunk_rows(10**6, 151936, 4096, dev) == -(-budget // 128) * 128
     # Nothing cached, little free: 1/8 of it, but at least 128 rows.
     memory.update(free=2 * gib, reserved=0, allocated=0)
-    cap = 2 * gib // linear.CUDA_FREE_SHARE // (4 * 151936)
-    rows = linear.auto_chunk_rows(16384, 151936, 4096, dev, True)
+    cap = 2 * gib // chunks.CUDA_FREE_SHARE // (4 * 151936)
+    rows = chunks.auto_chunk_rows(16384, 151936, 4096, dev, True)
     assert rows % 128 == 0 and cap <= rows < cap + 128
     memory.update(free=1 << 20)
-    assert linear.auto_chunk_rows(16384, 151936, 4096, dev, True) == 128
+    assert chunks.auto_chunk_rows(16384, 151936, 4096, dev, True) == 128
 
 
 def test_larger_chunks_only_for_a_float32_accumulator(monkeypatch):
     """H / 2-row chunks pay for a float32 grad_weight accumulator's pass per chunk: with
     accumulate_float32=False (no accumulator, least memory) the chunks stay at the budget."""
     seen = []
-    monkeypatch.setattr(linear, "auto_chunk_rows", lambda *a: seen.append(a[-1]) or 4)
+    monkeypatch.setattr(chunks, "auto_chunk_rows", lambda *a: seen.append(a[-1]) or 4)
     h, w = torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(9, 4, dtype=torch.bfloat16)
     for accumulate in (True, False):
-        linear._rows(h, w, 0, torch.bfloat16, True, accumulate)
-    linear._rows(h, w, 0, torch.bfloat16, False, True)  # no grad_weight at all
+        chunks.chunk_rows(h, w, 0, torch.bfloat16, True, accumulate)
+    chunks.chunk_rows(h, w, 0, torch.bfloat16, False, True)  # no grad_weight at all
     assert seen == [True, False, False]
 
 
@@ -435,15 +437,15 @@ def test_larger_chunks_only_for_a_float32_accumulator(monkeypatch):
 def test_auto_chunk_rows_cuda():
     dev = torch.device("cuda")
     free = torch.cuda.mem_get_info(dev)[0]
-    cap = free // linear.CUDA_FREE_SHARE // (4 * 151936)
-    rows = linear.auto_chunk_rows(10**6, 151936, 4096, dev)
-    assert rows % 128 == 0 and rows * 151936 * 4 <= linear.CUDA_CHUNK_BYTES + 128 * 151936 * 4
+    cap = free // chunks.CUDA_FREE_SHARE // (4 * 151936)
+    rows = chunks.auto_chunk_rows(10**6, 151936, 4096, dev)
+    assert rows % 128 == 0 and rows * 151936 * 4 <= chunks.CUDA_CHUNK_BYTES + 128 * 151936 * 4
     if cap >= 4096:
         # bfloat16 / float16 weights: H / 2 rows (free under the float32 accumulator's peak), and a
         # single chunk for N <= H.
-        assert linear.auto_chunk_rows(16384, 151936, 4096, dev, True) == 2048
-        assert linear.auto_chunk_rows(4096, 151936, 4096, dev, True) == 4096
-        assert linear.auto_chunk_rows(4096, 151936, 4096, dev, False) < 4096
+        assert chunks.auto_chunk_rows(16384, 151936, 4096, dev, True) == 2048
+        assert chunks.auto_chunk_rows(4096, 151936, 4096, dev, True) == 4096
+        assert chunks.auto_chunk_rows(4096, 151936, 4096, dev, False) < 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,8 +461,8 @@ def test_auto_chunk_rows_cuda():
 def test_requires_grad_subsets(device, monkeypatch, requires, reduction):
     case = make_linear_case((3, 5), 19, 8, torch.float32, device, seed=18)
     adds = []
-    original = linear._GradAccumulator.add
-    monkeypatch.setattr(linear._GradAccumulator, "add",
+    original = accumulate.GradAccumulator.add
+    monkeypatch.setattr(accumulate.GradAccumulator, "add",
                         lambda self, *a: (adds.append(1), original(self, *a))[1])
     weights = torch.randn(3, 5, generator=generator(4)) if reduction == "none" else None
     got = run_fused(case, chunk_size=4, requires=requires, reduction=reduction, weights=weights)
@@ -476,7 +478,7 @@ def test_requires_grad_subsets(device, monkeypatch, requires, reduction):
 def test_no_grad_skips_the_gradient(device, monkeypatch):
     case = make_linear_case((3, 5), 19, 8, torch.float32, device, seed=19)
     adds = []
-    monkeypatch.setattr(linear._GradAccumulator, "add", lambda self, *a: adds.append(1))
+    monkeypatch.setattr(accumulate.GradAccumulator, "add", lambda self, *a: adds.append(1))
     h, w, b = _leaves(case)
     with torch.no_grad():
         out = psft_ext.linear_psft_loss(h, w, case.targets, case.old_logprobs, bias=b)
@@ -631,26 +633,28 @@ def test_compile_token_logprobs(device):
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
-def test_scale_gradients_in_place(device, dtype):
-    """linear_scale_ (the backward of the reduced fused linear loss) leaves every gradient as it
-    was for a scale of exactly 1 (a NaN too) and otherwise multiplies every element, for 2-D,
-    1-D, non-contiguous and empty gradients (float64 through the mul_ fallback)."""
-    g = generator(30)
-    grads = [torch.randn(5, 7, generator=g).to(dtype).to(device),
-             torch.randn(6, generator=g).to(dtype).to(device),
-             torch.randn(7, 5, generator=g).to(dtype).to(device).t(),
-             torch.randn(0, generator=g).to(dtype).to(device)]
-    grads[0][1, 2] = float("nan")
-    before = [t.clone() for t in grads]
-    torch.ops.psft_ext.linear_scale_(*grads[:3], torch.tensor(1.0, device=device))
-    for t, b in zip(grads, before):
-        assert torch.equal(t.nan_to_num(), b.nan_to_num()) and bool(torch.isnan(grads[0][1, 2]))
-    # 1-D, non-contiguous and empty gradients in the three places
-    torch.ops.psft_ext.linear_scale_(grads[1], grads[2], grads[3],
-                                     torch.tensor(-0.75, device=device))
-    for t, b in zip(grads[1:], before[1:]):
-        torch.testing.assert_close(t, b * -0.75, rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_backward_scales_the_saved_gradients(device, dtype):
+    """The reduced loss's backward scales the gradients computed in the forward in place, by
+    the upstream gradient: those of (s * loss) are s times those of loss, bit for bit (one
+    product rounded to the dtype, as torch's multiplication rounds), for the 2-D grad_hidden and
+    grad_weight and the 1-D grad_bias; an upstream gradient of exactly 1 leaves them as they
+    were."""
+    case = make_linear_case((3, 5), 17, 8, dtype, device, seed=30)
+    grads = {}
+    for scale in (1.0, -0.75, 0.0):
+        leaves = _leaves(case)
+        loss = psft_ext.linear_psft_loss(leaves[0], leaves[1], case.targets, case.old_logprobs,
+                                         bias=leaves[2], chunk_size=4)
+        (loss * scale if scale != 1.0 else loss).backward()
+        grads[scale] = [t.grad for t in leaves]
+    for scale in (-0.75, 0.0):
+        for got, one in zip(grads[scale], grads[1.0]):
+            if dtype == torch.float16:  # the per-token path: rounded after the scaling
+                assert_close_scaled(got.float(), (one.float() * scale).double(), rtol=1e-2,
+                                    atol_scale=1e-2)
+            else:
+                torch.testing.assert_close(got, one * scale, rtol=0, atol=0)
 
 
 def test_opcheck(device):
@@ -659,27 +663,29 @@ def test_opcheck(device):
     t, old, adv = case.targets, case.old_logprobs, case.advantages
     den = torch.tensor(7.0, device=device)
     ops = torch.ops.psft_ext
-    # linear_psft_forward's backward scales the gradients it returned in place (linear_scale_):
-    # they are internal to linear_psft_loss, which never hands them out. opcheck's AOT test
-    # returns every output of the op, so the forward's outputs would depend on its backward;
-    # compiled callers are covered by the torch.compile tests instead.
+    params = [0.2, 0.28, 3.0, 1.0, 1.0]
+    # With inputs that require a gradient the single pass's backward scales in place gradients
+    # saved in the forward; opcheck's AOT test returns every output of the op, which AOT
+    # autograd's partitioner cannot split (test_loss_reduced.py's opcheck says more). Compiled
+    # callers are covered by the torch.compile tests instead.
     no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
-    for args in [(h, w, b, t, old, adv, 1.0, 0.2, 0.28, 3.0, -100, 1.0, den, 1.0, 4,
-                  torch.float32, True, True, True),
-                 (h, w, None, t, None, None, -1.0, 0.2, 0.28, 0.0, -100, 0.9, None, 1.0, 0,
-                  torch.float32, True, False, False)]:
-        torch.library.opcheck(ops.linear_psft_forward, args, test_utils=no_aot)
+    for args in [(h, w, b, t, old, adv, den, params, -100, "mean", 0.0, True, 4, torch.float32,
+                  True, False, False, False),
+                 (h, w, None, t, None, None, None, [0.2, 0.28, 0.0, 0.9, -1.0], -100, "sum", 0.0,
+                  False, 0, torch.float32, True, False, False, False)]:
+        torch.library.opcheck(ops.linear_fwd, args, test_utils=no_aot)
+    detached = (h.detach(), w.detach(), b.detach())
+    stats = ops.linear_fwd(*detached, t, old, adv, None, params, -100, "none", 0.0, False, 4,
+                           torch.float32, True, False, False, False)[2]
     calls = [
-        (ops.linear_scale_, (torch.randn(3, 2, device=device), torch.randn(4, device=device),
-                             torch.randn(0, device=device), torch.tensor(2.0, device=device))),
-        (ops.linear_psft_rows, (h, w, b, t, old, adv, 1.0, 0.2, 0.28, 3.0, -100, 1.0, 4,
-                                torch.float32)),
-        (ops.linear_psft_backward, (torch.randn(13, device=device), h.detach(), w.detach(),
-                                    b.detach(), t, torch.randn(13, device=device),
-                                    torch.randn(13, device=device), -100, 1.0, 4, torch.float32,
-                                    True, True, True)),
-        (ops.linear_token_logprobs, (h.detach(), w.detach(), b.detach(), t, -100, 1.0, 4,
-                                     torch.float32)),
+        (ops.linear_fwd, (*detached, t, old, adv, den, params, -100, "mean", 0.0, True, 4,
+                          torch.float32, True, True, True, True)),
+        (ops.linear_fwd, (h, w, b, t, old, adv, None, params, -100, "none", 0.0, True, 4,
+                          torch.float32, True, False, False, False)),
+        (ops.linear_bwd, (torch.randn(13, device=device), *detached, t, stats, params, -100, 4,
+                          torch.float32, True, True, True, True)),
+        (ops.linear_fwd, (*detached, t, None, None, None, [0.2, 0.28, 0.0, 1.0, 1.0], -100,
+                          "none", 0.0, False, 4, torch.float32, True, False, False, False)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
@@ -690,19 +696,15 @@ def test_opcheck_column_major_hidden(device):
     layout its fake kernel promises (inductor asserts the strides of what it traced)."""
     case = make_linear_case((13,), 11, 8, torch.float32, device, seed=24)
     h, w, b = _leaves(case)
-    h_cm = h.detach().t().contiguous().t().requires_grad_(True)
+    h_cm = h.detach().t().contiguous().t()
     assert h_cm.stride() == (1, 13)
-    args = (h_cm, w, b, case.targets, case.old_logprobs, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0,
-            None, 1.0, 4, torch.float32, True, True, True)
-    torch.library.opcheck(torch.ops.psft_ext.linear_psft_forward, args,
+    args = (h_cm, w.detach(), b.detach(), case.targets, case.old_logprobs, None, None,
+            [0.2, 0.28, 0.0, 1.0, 1.0], -100, "mean", 0.0, False, 4, torch.float32, True, True,
+            True, True)
+    torch.library.opcheck(torch.ops.psft_ext.linear_fwd, args,
                           test_utils=("test_schema", "test_faketensor"))
-    grad_hidden = torch.ops.psft_ext.linear_psft_forward(*args)[7]
+    grad_hidden = torch.ops.psft_ext.linear_fwd(*args)[3]
     assert grad_hidden.is_contiguous()
-
-
-# --------------------------------------------------------------------------------------------
-# linear_token_logprobs
-# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -825,7 +827,7 @@ def test_narrow_halves(device, dtype, vocab):
     top_rows = -(-vocab // 2)
     top, bottom = full[:top_rows].clone(), full[top_rows:].clone()
     storage = top.untyped_storage().data_ptr()
-    out = linear._narrow_halves(top, bottom, dtype)
+    out = accumulate.narrow_halves(top, bottom, dtype)
     assert out.dtype == dtype and out.shape == (vocab, hidden_size) and out.is_contiguous()
     assert out.untyped_storage().data_ptr() == storage
     torch.testing.assert_close(out, full.to(dtype), rtol=0, atol=0)
@@ -837,7 +839,7 @@ def test_one_chunk_of_logits_alive_at_a_time(device, monkeypatch, reduction):
     chunk's are formed: the peak is one chunk, forward and backward."""
     case = make_linear_case((4, 6), 37, 16, torch.float32, device, seed=33)
     alive = []
-    real = linear._chunk_logits
+    real = linear_ops.chunk_logits
 
     def chunk_logits(*args):
         import weakref
@@ -846,7 +848,7 @@ def test_one_chunk_of_logits_alive_at_a_time(device, monkeypatch, reduction):
         alive.append(weakref.ref(out))
         return out
 
-    monkeypatch.setattr(linear, "_chunk_logits", chunk_logits)
+    monkeypatch.setattr(linear_ops, "chunk_logits", chunk_logits)
     weights = None if reduction == "mean" else torch.rand(4, 6, generator=generator(5)).to(device)
     run_fused(case, chunk_size=5, reduction=reduction, weights=weights)
     assert len(alive) >= 5 * (2 if reduction == "none" else 1)

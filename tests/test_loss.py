@@ -463,10 +463,11 @@ def test_log_ratio_clamp(device, adv, dual_clip):
     assert torch.count_nonzero(fused["grad"][~far]) > 0
     ratio_ref = torch.exp(torch.clamp(logp - case.old_logprobs.double(), -20, 20))
     torch.testing.assert_close(ratio_ref[far], torch.exp(torch.sign(shift[far]) * 20.0))
-    out = torch.ops.psft_ext.psft_forward(
-        case.logits.detach(), case.targets, case.old_logprobs, None, adv, 0.2, 0.28,
-        0.0 if dual_clip is None else dual_clip, -100, 1.0)
-    ratio, log_ratio = out[3], out[4]
+    _, _, stats = torch.ops.psft_ext.psft_fwd(
+        case.logits.detach(), case.targets, case.old_logprobs, None,
+        [0.2, 0.28, 0.0 if dual_clip is None else dual_clip, 1.0, adv], -100, "none", None, 0.0,
+        False, None)
+    ratio, log_ratio = stats[3], stats[4]
     torch.testing.assert_close(ratio.double(), ratio_ref, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(log_ratio[far].double(), torch.sign(shift[far]) * 20.0)
 
@@ -495,9 +496,10 @@ def test_infinite_old_logprobs_are_clamped(device):
     fused, ref = fused_and_reference(case)
     check_all(fused, ref, torch.float32)
     assert torch.count_nonzero(fused["grad"]) == 0
-    out = torch.ops.psft_ext.psft_forward(case.logits.detach(), case.targets,
-                                          case.old_logprobs, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
-    assert out[4].tolist() == [-20.0, 20.0, -20.0, 20.0]
+    _, _, stats = torch.ops.psft_ext.psft_fwd(case.logits.detach(), case.targets,
+                                              case.old_logprobs, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+                                              -100, "none", None, 0.0, False, None)
+    assert stats[4].tolist() == [-20.0, 20.0, -20.0, 20.0]  # log_ratio
 
 
 def test_nan_logits_give_a_nan_loss(device):

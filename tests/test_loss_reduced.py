@@ -1,8 +1,7 @@
-"""psft_loss's "mean" and "sum" through psft_loss_reduced (csrc/psft_reduced.cpp): one op for the
-token count, the denominator, the single pass, the reduction and the metrics, with one backward
-node that rescales the gradient written in the forward only where the upstream gradient is not
-the one expected. Both branches of the op run on the CPU: host loops, and (with
-PSFT_EXT_REDUCED_TENSOR_OPS=1) the tensor ops every other device takes."""
+"""psft_loss's "mean" and "sum": one op (psft_fwd) for the token count, the denominator, the single
+pass, the reduction and the metrics, with one backward node that rescales the gradient written in
+the forward only where the upstream gradient is not the one expected. The op counts and reduces
+with host loops on the CPU and with tensor ops on other devices (the CUDA runs of these tests)."""
 
 import pytest
 import torch
@@ -10,20 +9,9 @@ import torch
 import psft_ext
 from psft_ext import reference
 
-from conftest import DTYPES, dtype_id, loss_op_args as _args, make_case
+from conftest import DTYPES, dtype_id, fwd_args, make_case
 
 ops = torch.ops.psft_ext
-
-
-@pytest.fixture(params=["host_loops", "tensor_ops"])
-def reduced_branch(request, device, monkeypatch):
-    """psft_loss_reduced's two branches: host loops for CPU tensors, tensor ops on every other
-    device (and on the CPU with PSFT_EXT_REDUCED_TENSOR_OPS=1, so CI runs that branch too)."""
-    if request.param == "tensor_ops":
-        monkeypatch.setenv("PSFT_EXT_REDUCED_TENSOR_OPS", "1")
-    elif device != "cpu":
-        pytest.skip("host loops are for CPU tensors")
-    return request.param
 
 
 def _reference_grad(case, upstream, reduction="mean", num_items=None):
@@ -37,7 +25,7 @@ def _reference_grad(case, upstream, reduction="mean", num_items=None):
 @pytest.mark.parametrize("upstream", [1.0, 0.37, -2.0, 0.0])
 @pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("mean", 7.0),
                                                  ("mean", "tensor")])
-def test_upstream_gradient_other_than_one(device, reduced_branch, upstream, reduction, num_items):
+def test_upstream_gradient_other_than_one(device, upstream, reduction, num_items):
     case = make_case((3, 5), 29, torch.float32, device, ignore_frac=0.3, seed=204)
     if num_items == "tensor":
         num_items = torch.tensor(6.0, device=device)
@@ -49,7 +37,7 @@ def test_upstream_gradient_other_than_one(device, reduced_branch, upstream, redu
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_loss_used_twice(device, reduced_branch):
+def test_loss_used_twice(device):
     case = make_case((2, 6), 23, torch.float32, device, seed=205)
     x = case.fused_logits()
     loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, advantages=case.advantages,
@@ -95,20 +83,35 @@ def test_second_backward_is_an_error(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypatch):
-    """psft_loss asks psft_loss_reduced for the gradient only when the logits need one, and
-    float16 logits that need one take the two passes instead (test_loss.py: the loss scale)."""
+def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype):
+    """Without a gradient to compute the loss records nothing for a backward; with one, the
+    single pass keeps its gradient (not the logits), and float16 logits take the two passes
+    instead, which keep the logits (test_loss.py: the loss scale)."""
     case = make_case((2, 4), 11, dtype, device, seed=208)
-    with_grad = []
-    real = ops.psft_loss_reduced
-    monkeypatch.setattr(ops, "psft_loss_reduced",
-                        lambda *a: with_grad.append(a[-2]) or real(*a), raising=False)
+
+    def saved(logits):
+        kept = []
+
+        def pack(t):
+            kept.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = psft_ext.psft_loss(logits, case.targets, case.old_logprobs, **case.kwargs)
+        return loss, kept
+
     with torch.no_grad():
-        psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
-    psft_ext.psft_loss(case.logits.detach(), case.targets, case.old_logprobs, **case.kwargs)
-    loss = psft_ext.psft_loss(case.fused_logits(), case.targets, case.old_logprobs, **case.kwargs)
-    assert with_grad == ([False, False] if dtype == torch.float16 else [False, False, True])
+        loss, kept = saved(case.fused_logits())
+    assert loss.grad_fn is None and not kept
+    loss, kept = saved(case.logits.detach())
+    assert loss.grad_fn is None and not kept
+    x = case.fused_logits()
+    loss, kept = saved(x)
     assert loss.requires_grad
+    keeps_logits = any(t.data_ptr() == x.data_ptr() for t in kept)
+    assert keeps_logits == (dtype == torch.float16)
+    assert any(t.numel() == x.numel() and t.data_ptr() != x.data_ptr() for t in kept) == \
+        (dtype != torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,113 +119,137 @@ def test_no_grad_and_frozen_logits_take_the_forward_only(device, dtype, monkeypa
 # ----------------------------------------------------------------------------------------------
 
 
-def _reduced(case, denominator=None, denominator_value=0.0, with_grad=True, with_metrics=True,
-             logits=None):
-    return ops.psft_loss_reduced(*_args(case, logits), denominator, denominator_value, with_grad,
-                                 with_metrics)
+def _reduced(case, num_items=None, num_items_value=0.0, with_grad=True, with_metrics=True,
+             reduction="mean", logits=None):
+    """psft_fwd with a reduction: (loss, metrics, grad); grad is None without with_grad."""
+    args = fwd_args(case, logits, reduction=reduction, num_items=num_items,
+                    num_items_value=num_items_value, with_metrics=with_metrics)
+    grad = torch.empty_like(args[0]) if with_grad else None
+    loss, metrics, _ = ops.psft_fwd(*args[:-1], grad)
+    return loss, metrics, grad
 
 
-@pytest.mark.parametrize("denominator", ["count", "value", "tensor", "tensor_1", "tensor_1x1"])
+def _per_token(case):
+    """psft_fwd's per-token outputs (reduction "none"), by name."""
+    _, _, stats = ops.psft_fwd(*fwd_args(case))
+    names = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
+    return dict(zip(names, stats)), stats
+
+
+@pytest.mark.parametrize("denominator", ["count", "value", "tensor", "tensor_1", "tensor_1x1",
+                                         "sum"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_reduced_matches_the_per_token_ops(device, reduced_branch, dtype, denominator):
-    """Loss = sum of psft_forward's per-token losses / den; the metrics, token means of its
-    per-token outputs; the gradient = psft_forward_backward's for the upstream gradient 1 / den;
-    nothing logits-sized without with_grad. A denominator tensor of one element may have any
-    shape ((), (1,), (1, 1)): the loss is 0-d all the same."""
+def test_reduced_matches_the_per_token_ops(device, dtype, denominator):
+    """Loss = sum of the per-token losses / den; the metrics, token means of the per-token
+    outputs; the gradient = psft_bwd's from the per-token stats for the upstream gradient
+    1 / den; no gradient without one. A num_items tensor of one element may have any shape
+    ((), (1,), (1, 1)): the loss is 0-d all the same."""
     case = make_case((3, 5), 37, dtype, device, ignore_frac=0.3, seed=210)
     count = int(case.valid.sum())
-    den_tensor, den_value, den = None, 0.0, float(count)
+    den_tensor, den_value, den, reduction = None, 0.0, float(count), "mean"
     if denominator == "value":
         den_value = den = 11.5
+    elif denominator == "sum":
+        den, reduction = 1.0, "sum"
     elif denominator.startswith("tensor"):
         shape = {"tensor": (), "tensor_1": (1,), "tensor_1x1": (1, 1)}[denominator]
         den_tensor, den = torch.full(shape, 9, device=device), 9.0
-    loss, metrics, grad = _reduced(case, den_tensor, den_value)
-    loss_t, logp, entropy, ratio, log_ratio, clipped, _, _ = ops.psft_forward(*_args(case))
-    n = loss_t.shape[0]
+    loss, metrics, grad = _reduced(case, den_tensor, den_value, reduction=reduction)
+    rows, stats = _per_token(case)
+    n = rows["loss"].shape[0]
     assert loss.shape == () and loss.dtype == torch.float32
-    torch.testing.assert_close(loss, loss_t.sum() / den)
-    expected = torch.stack([-logp.sum(), entropy.sum(), clipped.sum(), -log_ratio.sum(),
-                            ratio.sum()]) / count
+    torch.testing.assert_close(loss, rows["loss"].sum() / den)
+    expected = torch.stack([-rows["logp"].sum(), rows["entropy"].sum(), rows["clipped"].sum(),
+                            -rows["log_ratio"].sum(), rows["ratio"].sum()]) / count
     assert metrics.shape == (6,) and metrics.dtype == torch.float32
     torch.testing.assert_close(metrics[:5], expected)
     assert float(metrics[5]) == count
     g = torch.full((n,), 1.0 / den, dtype=torch.float32, device=device)
-    torch.testing.assert_close(grad, ops.psft_forward_backward(*_args(case), g)[8], rtol=0,
-                               atol=0)
-    loss2, metrics2, grad2 = _reduced(case, den_tensor, den_value, with_grad=False,
-                                      with_metrics=False)
-    assert grad2.numel() == 0 and metrics2.numel() == 0
+    x = case.logits.detach().reshape(n, -1)
+    exp_grad = torch.empty_like(x)
+    ops.psft_bwd(g, x, case.targets.reshape(-1), stats, fwd_args(case)[4], case.ignore_index,
+                 exp_grad)
+    torch.testing.assert_close(grad, exp_grad, rtol=0, atol=0)
+    loss2, metrics2, _ = _reduced(case, den_tensor, den_value, with_grad=False,
+                                  with_metrics=False, reduction=reduction)
+    assert metrics2.numel() == 0
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
 
 
-def test_reduced_count_compares_int32_targets_in_int64(device, reduced_branch):
+def test_reduced_count_compares_int32_targets_in_int64(device):
     """An ignore_index outside int32's range matches no int32 target (the kernels compare in
     int64); in int32 arithmetic 2**32 would wrap to 0 and drop the token of id 0 from the
     count."""
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([0, 2, 3, 8], dtype=torch.int32, device=device)
-    loss, metrics, _ = ops.psft_loss_reduced(logits, targets, None, None, 1.0, 0.2, 0.28, 0.0,
-                                             2**32, 1.0, None, 0.0, False, True)
+    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, params, 2**32, "mean", None, 0.0,
+                                    True, None)
     assert float(metrics[5]) == 4
-    expected = ops.psft_forward(logits, targets.long(), None, None, 1.0, 0.2, 0.28, 0.0, -100,
-                                1.0)[0].sum() / 4
-    torch.testing.assert_close(loss, expected)
+    per_token, _, _ = ops.psft_fwd(logits, targets.long(), None, None, params, -100, "none",
+                                   None, 0.0, False, None)
+    torch.testing.assert_close(loss, per_token.sum() / 4)
 
 
-def test_reduced_empty_and_all_ignored(device, reduced_branch):
+def test_reduced_empty_and_all_ignored(device):
     for n in (0, 3):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
-        loss, metrics, grad = ops.psft_loss_reduced(logits, targets, None, None, 1.0, 0.2, 0.28,
-                                                    0.0, -100, 1.0, None, 0.0, True, True)
+        grad = torch.empty(n, 7, device=device)
+        loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+                                        -100, "mean", None, 0.0, True, grad)
         assert float(loss) == 0.0 and grad.shape == (n, 7)
-        assert torch.count_nonzero(metrics) == 0
+        assert torch.count_nonzero(metrics) == 0 and torch.count_nonzero(grad) == 0
 
 
-def test_reduced_opcheck(device, reduced_branch):
+def test_reduced_opcheck(device):
     """Every opcheck test on logits without a gradient; with one, all but the AOT dispatch
-    tests. Those return every output of the op from the traced function, the gradient output
-    too, which the backward then rescales in place; AOT autograd's partitioner cannot split a
-    graph that returns a tensor its backward mutates (psft_forward_backward's opcheck has the
-    same limit). psft_loss never returns that output: test_ops.py compiles psft_loss's forward
-    and backward, with static and dynamic shapes."""
+    tests. Those return every output of the op from the traced function, and the single pass's
+    backward rescales in place a gradient saved in the forward; AOT autograd's partitioner cannot
+    split such a graph when the traced function returns everything. psft_loss returns only the
+    loss and the metrics: test_ops.py compiles its forward and backward, with static and dynamic
+    shapes."""
     case = make_case((3, 4), 13, torch.bfloat16, device, ignore_frac=0.3, seed=211)
     x = case.logits.detach().reshape(-1, 13).clone()
-    for den, value, with_grad, with_metrics in (
-            (None, 0.0, True, True), (None, 1.0, True, False),
-            (torch.tensor(5.0, device=device), 0.0, True, True), (None, 0.0, False, True)):
-        flags = (den, value, with_grad, with_metrics)
-        torch.library.opcheck(ops.psft_loss_reduced, _args(case, x) + flags)
-        if with_grad:
-            torch.library.opcheck(
-                ops.psft_loss_reduced, _args(case, x.clone().requires_grad_(True)) + flags,
-                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for reduction, num_items, value, with_metrics in (
+            ("mean", None, 0.0, True), ("sum", None, 0.0, False),
+            ("mean", torch.tensor(5.0, device=device), 0.0, True), ("mean", None, 3.0, True),
+            ("none", None, 0.0, True)):
+        args = fwd_args(case, x, reduction=reduction, num_items=num_items, num_items_value=value,
+                        with_metrics=with_metrics)
+        torch.library.opcheck(ops.psft_fwd, args)
+        torch.library.opcheck(ops.psft_fwd, args[:-1] + (torch.empty_like(x),))
+        torch.library.opcheck(
+            ops.psft_fwd, (x.clone().requires_grad_(True),) + args[1:],
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_reduced_argument_errors(device, reduced_branch):
+def test_reduced_argument_errors(device):
     logits = torch.randn(4, 9, device=device, requires_grad=True)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    rest = (None, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
-    flags = (True, False)
-    with pytest.raises(ValueError, match="denominator must hold one value"):
-        ops.psft_loss_reduced(logits, targets, *rest, torch.ones(2, device=device), 0.0, *flags)
-    with pytest.raises(ValueError, match="denominator_value must be finite and >= 0"):
-        ops.psft_loss_reduced(logits, targets, *rest, None, -1.0, *flags)
+    rest = (None, None, [0.2, 0.28, 0.0, 1.0, 1.0], -100, "mean")
+
+    def fwd(t=targets, num_items=None, value=0.0, reduction="mean"):
+        return ops.psft_fwd(logits, t, *rest[:4], reduction, num_items, value, False, None)
+
+    with pytest.raises(ValueError, match="num_items must hold one value"):
+        fwd(num_items=torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="num_items_value must be finite and >= 0"):
+        fwd(value=-1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fwd(reduction="avg")
     with pytest.raises(TypeError, match="targets must be int64 or int32"):
-        ops.psft_loss_reduced(logits, targets.float(), *rest, None, 0.0, *flags)
-    with pytest.raises(ValueError, match="targets must be 1-D"):
-        ops.psft_loss_reduced(logits, targets.view(2, 2), *rest, None, 0.0, *flags)
+        fwd(t=targets.float())
+    with pytest.raises(ValueError, match=r"targets must have shape \(N,\)"):
+        fwd(t=targets.view(2, 2))
     with pytest.raises(ValueError, match="out of range"):
-        ops.psft_loss_reduced(logits, torch.tensor([1, 9, 0, 0], device=device), *rest, None,
-                              0.0, *flags)
-    loss = ops.psft_loss_reduced(logits, targets, *rest, None, 0.0, False, False)[0]
-    with pytest.raises(RuntimeError, match="with_grad=False"):
-        loss.backward()
+        fwd(t=torch.tensor([1, 9, 0, 0], device=device))
+    with pytest.raises(ValueError, match="`grad` is for logits that need no autograd"):
+        ops.psft_fwd(logits, targets, *rest, None, 0.0, False, torch.empty(4, 9, device=device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_reduced_metrics_match_reduction_none(device, reduced_branch, dtype):
+def test_reduced_metrics_match_reduction_none(device, dtype):
     """psft_loss's metrics from the op ("mean") equal those computed from the per-token outputs
     (reduction "none", in Python)."""
     case = make_case((2, 6), 17, dtype, device, ignore_frac=0.4, seed=212)

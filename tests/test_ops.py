@@ -6,83 +6,100 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, dtype_id, generator, make_case
+from conftest import DTYPES, dtype_id, fwd_args, generator, make_case, op_params
 
 ops = torch.ops.psft_ext
 
 
-def _forward_args(case, with_old, with_adv, requires_grad=True, dual_clip=0.0):
+def _fwd_args(case, with_old, with_adv, requires_grad=True, dual_clip=0.0, **kwargs):
+    """psft_fwd's arguments for the case: a fresh leaf of the logits (requiring grad or not), an
+    advantage of -0.7 where no per-token one is given."""
     x = case.logits.detach().reshape(-1, case.logits.shape[-1]).clone()
     x.requires_grad_(requires_grad)
-    targets = case.targets.reshape(-1)
-    old = case.old_logprobs.reshape(-1) if with_old else None
-    adv = case.advantages.reshape(-1).float() if with_adv else None
-    return (x, targets, old, adv, -0.7 if not with_adv else 1.0, 0.2, 0.28, dual_clip,
-            case.ignore_index, case.kwargs["temperature"])
+    params = op_params(case, advantage=1.0 if with_adv else -0.7)
+    params[2] = dual_clip
+    args = fwd_args(case, x, with_old=with_old, with_adv=with_adv, **kwargs)
+    return args[:4] + (params,) + args[5:]
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("with_old,with_adv", [(False, False), (True, False), (True, True)],
                          ids=["plain", "old", "old_adv"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_opcheck_psft_forward(device, dtype, with_old, with_adv):
+def test_opcheck_psft_fwd(device, dtype, with_old, with_adv, reduction):
+    """With logits that require a gradient: the schema, the fake kernel, the autograd
+    registration and (for reduction "none", whose backward reads the logits) the AOT dispatch.
+    The single pass's AOT limits: test_loss_reduced.py's opcheck."""
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, temperature=0.7,
                      advantages="token", seed=40)
     assert bool((~case.valid).any())
-    args = _forward_args(case, with_old, with_adv, dual_clip=3.0 if with_adv else 0.0)
-    torch.library.opcheck(ops.psft_forward, args)
+    args = _fwd_args(case, with_old, with_adv, dual_clip=3.0 if with_adv else 0.0,
+                     reduction=reduction, with_metrics=True)
+    utils = None if reduction == "none" else ("test_schema", "test_autograd_registration",
+                                              "test_faketensor")
+    torch.library.opcheck(ops.psft_fwd, args, **({} if utils is None else dict(test_utils=utils)))
 
 
-def test_opcheck_psft_forward_without_grad_and_int32(device):
+def test_opcheck_psft_fwd_without_grad_and_int32(device):
     case = make_case((2, 5), 9, torch.float32, device, target_dtype=torch.int32, seed=41)
-    torch.library.opcheck(ops.psft_forward, _forward_args(case, True, True, requires_grad=False))
+    for reduction in ("none", "mean"):
+        torch.library.opcheck(ops.psft_fwd, _fwd_args(case, True, True, requires_grad=False,
+                                                      reduction=reduction))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_opcheck_psft_backward(device, dtype):
+def test_opcheck_psft_bwd(device, dtype):
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, advantages="token", seed=42)
-    args = _forward_args(case, True, True, requires_grad=False)
-    out = ops.psft_forward(*args)
-    lse, coef = out[6], out[7]
-    grad_loss = torch.rand(lse.shape, generator=generator(1)).to(device)
-    torch.library.opcheck(ops.psft_backward,
-                          (grad_loss, args[0], args[1], lse, coef, case.ignore_index, 1.0))
+    args = _fwd_args(case, True, True, requires_grad=False)
+    _, _, stats = ops.psft_fwd(*args)
+    grad_loss = torch.rand(12, generator=generator(1)).to(device)
+    torch.library.opcheck(ops.psft_bwd, (grad_loss, args[0], args[1], stats, args[4],
+                                         case.ignore_index, torch.empty_like(args[0])))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_opcheck_token_logprobs(device, dtype):
+    """token_logprobs is psft_fwd without old log-probs, advantages or a gradient."""
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, with_old=False, seed=43)
     x = case.logits.detach().reshape(-1, 13)
-    torch.library.opcheck(ops.token_logprobs, (x, case.targets.reshape(-1), -100, 1.5))
+    torch.library.opcheck(ops.psft_fwd, (x, case.targets.reshape(-1), None, None,
+                                         [0.2, 0.28, 0.0, 1.5, 1.0], -100, "none", None, 0.0,
+                                         False, None))
 
 
 def test_op_outputs_for_ignored_rows(device):
-    """Ignored rows: 0 in every output, and zero gradient rows from psft_backward."""
+    """Ignored rows: 0 in every output, and zero gradient rows from psft_bwd."""
     case = make_case((3, 4), 13, torch.float32, device, ignore_frac=0.4, seed=44)
-    args = _forward_args(case, True, True, requires_grad=False)
-    out = ops.psft_forward(*args)
+    args = _fwd_args(case, True, True, requires_grad=False)
+    loss, _, stats = ops.psft_fwd(*args)
     ignored = ~case.valid.reshape(-1)
     assert bool(ignored.any())
-    for i, t in enumerate(out):
+    assert stats.shape == (8, 12) and stats.dtype == torch.float32
+    for i, t in enumerate([loss] + list(stats)):
         assert t.shape == (12,) and t.dtype == torch.float32
         assert torch.count_nonzero(t[ignored]) == 0, i
-    grad = ops.psft_backward(torch.ones(12, device=device), args[0], args[1], out[6], out[7],
-                             case.ignore_index, 0.7)
+    grad = torch.empty_like(args[0])
+    ops.psft_bwd(torch.ones(12, device=device), args[0], args[1], stats, args[4],
+                 case.ignore_index, grad)
     assert torch.count_nonzero(grad[ignored]) == 0
     # clipped is 0/1 and coef is 0 wherever the clip is active
-    clipped, coef = out[5], out[7]
+    clipped, coef = stats[5], stats[7]
     assert set(clipped.unique().tolist()) <= {0.0, 1.0}
     assert torch.count_nonzero(coef[clipped == 1.0]) == 0
 
 
 def test_backward_of_rows_without_elements(device):
-    """The backward ops take rows of no elements (V = 0; the forward refuses them, a direct call
-    need not): an empty gradient on every device, no kernel launched."""
-    rows = (torch.ones(3, device=device), torch.zeros(3, dtype=torch.long, device=device),
-            torch.zeros(3, device=device), torch.zeros(3, device=device))
+    """The backward op takes rows of no elements (V = 0; the forward refuses them, a direct call
+    need not): nothing to write on every device, no kernel launched."""
     logits = torch.randn(3, 0, device=device)
-    grad = ops.psft_backward(rows[0], logits, *rows[1:], -100, 1.0)
+    grad = torch.empty(3, 0, device=device)
+    ops.psft_bwd(torch.ones(3, device=device), logits,
+                 torch.zeros(3, dtype=torch.long, device=device),
+                 torch.zeros(8, 3, device=device), [0.2, 0.28, 0.0, 1.0, 1.0], -100, grad)
+    ops.psft_bwd(torch.ones(3, device=device), logits,
+                 torch.zeros(3, dtype=torch.long, device=device),
+                 torch.zeros(8, 3, device=device), [0.2, 0.28, 0.0, 1.0, 1.0], -100, logits)
     assert grad.shape == (3, 0) and grad.device == logits.device
-    ops.psft_backward_(rows[0], logits, *rows[1:], -100, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

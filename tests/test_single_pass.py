@@ -1,19 +1,17 @@
-"""The single pass (psft_forward_backward, its in-place variant, psft_backward_, scale_rows_): the
-gradient formed with the forward, for the upstream gradient the caller expects. psft_loss's use of
-it (through psft_loss_reduced) is tested in test_loss_reduced.py."""
+"""The single pass: psft_fwd with ``grad`` writes, in the same pass over the logits, the gradient
+of the loss it returns; it equals the two passes (psft_fwd, then psft_bwd from its stats).
+scale_rows_ rescales such a gradient in place. psft_loss's use of them is tested in
+test_loss_reduced.py."""
 
 import pytest
 import torch
 
-from conftest import (DTYPES, LOW_PRECISION, dtype_id, generator, loss_op_args as _args,
-                      make_case)
+import psft_ext
+
+from conftest import DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case, op_params
 
 ops = torch.ops.psft_ext
-
-
-def _expected_grad_loss(n, device, seed=5):
-    # Distinct per-row values, none of them 0.
-    return (0.25 + torch.rand(n, generator=generator(seed))).to(device)
+STATS = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
 
 
 def _close(device, dtype):
@@ -24,46 +22,66 @@ def _close(device, dtype):
     return dict(rtol=2e-2, atol=1e-5) if dtype in LOW_PRECISION else dict(rtol=1e-5, atol=1e-6)
 
 
+def _single_pass(case, logits=None, reduction="mean", num_items_value=2.5, grad=None):
+    """psft_fwd with a gradient: (loss, metrics, stats, grad)."""
+    args = fwd_args(case, logits, reduction=reduction, num_items_value=num_items_value)
+    x = args[0]
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad is None else grad
+    loss, metrics, stats = ops.psft_fwd(*args[:-1], grad)
+    return loss, metrics, stats, grad
+
+
+def _two_pass(case, logits=None, reduction="mean", num_items_value=2.5, upstream=None):
+    """psft_fwd without a gradient, then psft_bwd from its stats (upstream gradient 1 per
+    token unless given): (loss, metrics, stats, grad)."""
+    args = fwd_args(case, logits, reduction=reduction, num_items_value=num_items_value)
+    x, targets = args[0], args[1]
+    loss, metrics, stats = ops.psft_fwd(*args)
+    g = torch.ones(targets.shape, device=x.device) if upstream is None else upstream
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ops.psft_bwd(g, x, targets, stats, args[4], args[5], grad)
+    return loss, metrics, stats, grad
+
+
 # (rows, V): V below and above the CPU's 2048-element block and the vector widths, N = 1.
 SHAPES = [((4, 6), 37), ((1,), 13), ((3, 2), 5001)]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape,vocab", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_matches_the_two_pass_pair(device, dtype, shape, vocab):
+def test_matches_the_two_pass_pair(device, dtype, shape, vocab, reduction):
     case = make_case(shape, vocab, dtype, device, ignore_frac=0.3, temperature=0.8,
                      dual_clip=3.0, seed=200)
-    args = _args(case)
-    g = _expected_grad_loss(args[1].numel(), device)
-    *outs, grad = ops.psft_forward_backward(*args, g)
-    ref = ops.psft_forward(*args)
-    for got, exp in zip(outs, ref):
-        torch.testing.assert_close(got, exp, **_close(device, torch.float32))
-    exp_grad = ops.psft_backward(g, args[0], args[1], ref[6], ref[7], case.ignore_index,
-                                 case.kwargs["temperature"])
-    assert grad.dtype == dtype and grad.shape == args[0].shape and grad.is_contiguous()
+    loss, _, stats, grad = _single_pass(case, reduction=reduction)
+    exp_loss, _, exp_stats, exp_grad = _two_pass(case, reduction=reduction)
+    torch.testing.assert_close(loss, exp_loss, **_close(device, torch.float32))
+    for row, name in enumerate(STATS):
+        torch.testing.assert_close(stats[row], exp_stats[row], **_close(device, torch.float32),
+                                   msg=name)
+    x = case.logits.detach().reshape(-1, vocab)
+    assert grad.dtype == dtype and grad.shape == x.shape and grad.is_contiguous()
     torch.testing.assert_close(grad, exp_grad, **_close(device, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_in_place_variants(device, dtype):
-    """psft_forward_backward_ and psft_backward_ leave in the logits what the out-of-place ops
-    return."""
+    """The gradient written over the logits themselves (psft_fwd and psft_bwd with grad = the
+    logits) is what the out-of-place calls return."""
     case = make_case((5, 3), 301, dtype, device, ignore_frac=0.3, seed=201)
-    args = _args(case)
-    g = _expected_grad_loss(args[1].numel(), device)
-    *outs, grad = ops.psft_forward_backward(*args, g)
+    _, _, stats, grad = _single_pass(case)
 
-    logits = args[0].clone()
-    outs_in_place = ops.psft_forward_backward_(logits, *args[1:], g)
-    for got, exp in zip(outs_in_place, outs):
-        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    logits = case.logits.detach().reshape(-1, 301).clone()
+    _, _, stats_in_place, _ = _single_pass(case, logits=logits, grad=logits)
+    torch.testing.assert_close(stats_in_place, stats, rtol=0, atol=0)
     torch.testing.assert_close(logits, grad, rtol=0, atol=0)
 
-    lse, coef = outs[6], outs[7]
-    exp_grad = ops.psft_backward(g, args[0], args[1], lse, coef, case.ignore_index, 1.0)
+    args = fwd_args(case)
+    g = (0.25 + torch.rand(15, generator=generator(5))).to(device)
+    exp_grad = torch.empty_like(args[0])
+    ops.psft_bwd(g, args[0], args[1], stats, args[4], args[5], exp_grad)
     logits = args[0].clone()
-    assert ops.psft_backward_(g, logits, args[1], lse, coef, case.ignore_index, 1.0) is None
+    assert ops.psft_bwd(g, logits, args[1], stats, args[4], args[5], logits) is None
     torch.testing.assert_close(logits, exp_grad, rtol=0, atol=0)
 
 
@@ -72,10 +90,8 @@ def test_strided_rows(device):
     case = make_case((6,), 41, torch.float32, device, ignore_frac=0.2, seed=202)
     wide = torch.randn(6, 50, generator=generator(3)).to(device)
     wide[:, 4:45] = case.logits.detach()
-    args = _args(case, logits=wide[:, 4:45])
-    g = _expected_grad_loss(6, device)
-    *outs, grad = ops.psft_forward_backward(*args, g)
-    *exp_outs, exp_grad = ops.psft_forward_backward(*_args(case), g)
+    *outs, grad = _single_pass(case, logits=wide[:, 4:45])
+    *exp_outs, exp_grad = _single_pass(case)
     for got, exp in zip(outs + [grad], exp_outs + [exp_grad]):
         torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
 
@@ -97,7 +113,7 @@ def test_scale_rows(device, dtype):
 @pytest.mark.parametrize("layout", ["expanded_scalar", "strided"])
 def test_scale_rows_factor_strides(device, layout):
     """The factor is read with its stride: an expanded scalar (stride 0, what the backward of
-    psft_loss_reduced passes) and a strided view give the same rows as a contiguous copy."""
+    psft_fwd passes) and a strided view give the same rows as a contiguous copy."""
     grad = torch.randn(6, 37, generator=generator(6)).to(device)
     if layout == "expanded_scalar":
         factor = torch.tensor(-0.75, device=device).expand(6)
@@ -111,42 +127,50 @@ def test_scale_rows_factor_strides(device, layout):
 
 
 def test_empty_and_all_ignored(device):
-    for n, ignore_frac in ((0, 0.0), (4, 1.0)):
+    for n in (0, 4):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
-        outs = ops.psft_forward_backward(logits, targets, None, None, 1.0, 0.2, 0.28, 0.0, -100,
-                                         1.0, torch.ones(n, device=device))
-        assert outs[8].shape == (n, 7)
-        assert all(int(torch.count_nonzero(o)) == 0 for o in outs)
+        grad = torch.full((n, 7), 5.0, device=device)
+        loss, metrics, stats = ops.psft_fwd(logits, targets, None, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+                                            -100, "mean", None, 0.0, True, grad)
+        assert stats.shape == (8, n) and grad.shape == (n, 7)
+        assert all(int(torch.count_nonzero(o)) == 0 for o in (loss, metrics, stats, grad))
 
 
 def test_opcheck(device):
     case = make_case((3, 4), 13, torch.bfloat16, device, ignore_frac=0.3, seed=203)
-    args = _args(case)
-    g = _expected_grad_loss(12, device)
-    torch.library.opcheck(ops.psft_forward_backward, args + (g,))
-    torch.library.opcheck(ops.psft_forward_backward_, (args[0].clone(),) + args[1:] + (g,))
-    out = ops.psft_forward(*args)
-    torch.library.opcheck(ops.psft_backward_, (g, args[0].clone(), args[1], out[6], out[7],
-                                               -100, 1.0))
-    torch.library.opcheck(ops.scale_rows_, (args[0].clone(), g))
+    args = fwd_args(case, reduction="mean", with_metrics=True)
+    x = args[0]
+    torch.library.opcheck(ops.psft_fwd, args[:-1] + (torch.empty_like(x),))
+    _, _, stats = ops.psft_fwd(*args)
+    g = (0.25 + torch.rand(12, generator=generator(5))).to(device)
+    torch.library.opcheck(ops.psft_bwd, (g, x, args[1], stats, args[4], -100, x.clone()))
+    torch.library.opcheck(ops.scale_rows_, (x.clone(), g))
 
 
 def test_argument_errors(device):
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    rest = (None, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
+    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+
+    def fwd(t=targets, grad=None):
+        return ops.psft_fwd(logits, t, None, None, params, -100, "sum", None, 0.0, False, grad)
+
+    _, _, stats = fwd()
     with pytest.raises(ValueError, match="grad_loss must have shape"):
-        ops.psft_forward_backward(logits, targets, *rest, torch.ones(3, device=device))
+        ops.psft_bwd(torch.ones(3, device=device), logits, targets, stats, params, -100,
+                     torch.empty_like(logits))
     with pytest.raises(TypeError, match="grad_loss must be float32"):
-        ops.psft_forward_backward(logits, targets, *rest,
-                                  torch.ones(4, dtype=torch.float64, device=device))
-    with pytest.raises(ValueError, match="contiguous to receive the gradient in place"):
-        ops.psft_forward_backward_(logits.t().contiguous().t(), targets, *rest,
-                                   torch.ones(4, device=device))
+        ops.psft_bwd(torch.ones(4, dtype=torch.float64, device=device), logits, targets, stats,
+                     params, -100, torch.empty_like(logits))
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        fwd(grad=logits.t().contiguous().t())
+    with pytest.raises(ValueError, match="grad must have the logits' shape"):
+        fwd(grad=torch.empty(4, 8, device=device))
+    with pytest.raises(TypeError, match="grad must have the logits' dtype"):
+        fwd(grad=torch.empty(4, 9, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="target id 9 is out of range|out of range"):
-        ops.psft_forward_backward(logits, torch.tensor([1, 9, 0, 0], device=device), *rest,
-                                  torch.ones(4, device=device))
+        fwd(t=torch.tensor([1, 9, 0, 0], device=device), grad=torch.empty_like(logits))
     with pytest.raises(ValueError, match="factor must have shape"):
         ops.scale_rows_(logits, torch.ones(5, device=device))
     with pytest.raises(ValueError, match="grad must be contiguous"):
@@ -159,6 +183,24 @@ def test_argument_errors(device):
 # ----------------------------------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _raw_single_and_two(logits, targets, old, adv, params, num_items_value, grad=None):
+    """psft_fwd with a gradient (into ``grad``, or a new buffer) and without, then psft_bwd from
+    the second's stats: ((stats, grad), (stats, grad)), reduction "mean" over num_items_value.
+    With ``grad`` the logits themselves, only the first pair (the logits are overwritten)."""
+    args = (logits, targets, old, adv, params, -100, "mean", None, num_items_value, False)
+    in_place = grad is logits
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if grad is None \
+        else grad
+    _, _, stats = ops.psft_fwd(*args, grad)
+    if in_place:
+        return (stats, grad), None
+    _, _, ref = ops.psft_fwd(*args, None)
+    exp_grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ops.psft_bwd(torch.ones(targets.shape, device=logits.device), logits, targets, ref, params,
+                 -100, exp_grad)
+    return (stats, grad), (ref, exp_grad)
 
 
 @cuda_only
@@ -183,29 +225,24 @@ def test_cuda_single_pass_shapes(dtype, vocab, offset, sm90, monkeypatch):
     logits = buf[:, offset:offset + vocab]  # row stride > V; row starts off 16 bytes for offset 3
     targets = torch.randint(0, vocab, (n,), generator=g).cuda()
     targets[::5] = -100
-    old = (ops.token_logprobs(logits, targets, -100, 1.0)[0]
+    old = (psft_ext.token_logprobs(logits, targets)
            + 0.6 * (torch.rand(n, generator=g).cuda() - 0.5))
-    args = (logits, targets, old, None, 1.0, 0.2, 0.28, 0.0, -100, 0.9)
-    expected = (0.5 + torch.rand(n, generator=g)).cuda()
-    *outs, grad = ops.psft_forward_backward(*args, expected)
-    ref = ops.psft_forward(*args)
-    for got, exp in zip(outs, ref):
-        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
-    exp_grad = ops.psft_backward(expected, logits, targets, ref[6], ref[7], -100, 0.9)
+    params = [0.2, 0.28, 0.0, 0.9, 1.0]
+    (stats, grad), (ref, exp_grad) = _raw_single_and_two(logits, targets, old, None, params, 7.0)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
     tol = dict(rtol=2e-2, atol=1e-6) if dtype in LOW_PRECISION else dict(rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(grad, exp_grad, **tol)
     # Run to run: bitwise the same.
-    *outs2, grad2 = ops.psft_forward_backward(*args, expected)
-    assert torch.equal(grad, grad2) and all(torch.equal(a, b) for a, b in zip(outs, outs2))
+    (stats2, grad2), _ = _raw_single_and_two(logits, targets, old, None, params, 7.0)
+    assert torch.equal(grad, grad2) and torch.equal(stats, stats2)
     # In place over a contiguous copy: the same values. Not bitwise, nor to float32's last bit:
     # at offset 3 the copy's rows start at another 16-byte phase than the view's, which changes
     # which thread reads which element of rows over 4 KB, so lse (and with it log_ratio) may
     # differ in the last place; hence the tolerance of the comparison above.
     work = logits.contiguous()
-    outs3 = ops.psft_forward_backward_(work, *args[1:], expected)
+    (stats3, _), _ = _raw_single_and_two(work, targets, old, None, params, 7.0, grad=work)
     torch.testing.assert_close(work, grad, **tol)
-    for got, exp in zip(outs3, outs):
-        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats3, stats, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("sm90", ["0", "1"], ids=["two_kernels", "sm90_single_pass"])
@@ -217,13 +254,11 @@ def test_single_pass_overlapping_rows(device, sm90, monkeypatch):
     row = (torch.randn(vocab, generator=g) * 2.0).to(torch.bfloat16).to(device)
     logits = row.expand(n, vocab)
     targets = torch.randint(0, vocab, (n,), generator=g).to(device)
-    args = (logits, targets, None, None, 1.0, 0.2, 0.28, 0.0, -100, 1.0)
-    expected = torch.full((n,), 0.25, device=device)
-    *outs, grad = ops.psft_forward_backward(*args, expected)
-    dense = logits.contiguous()
-    *ref_outs, ref_grad = ops.psft_forward_backward(dense, *args[1:], expected)
-    for got, exp in zip(outs, ref_outs):
-        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
+    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    (stats, grad), _ = _raw_single_and_two(logits, targets, None, None, params, 4.0)
+    (ref_stats, ref_grad), _ = _raw_single_and_two(logits.contiguous(), targets, None, None,
+                                                   params, 4.0)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-2, atol=1e-6)
 
 
@@ -244,7 +279,7 @@ def test_cuda_single_pass_many_rows_per_cluster(vocab, sm90, monkeypatch):
     """N = 2000, far more rows than clusters are resident: each cluster of the persistent grid
     walks many rows, so the double-buffered partials, the barrier between rows and ignored rows
     (which skip the cluster barrier) between synchronising rows are all exercised. Ignored,
-    clipped, dual-clipped and zero-upstream rows are interleaved."""
+    clipped and dual-clipped rows are interleaved."""
     monkeypatch.setenv("PSFT_EXT_SM90_SINGLE_PASS", sm90)
     n = 2000
     g = generator(vocab + 2000)
@@ -253,23 +288,19 @@ def test_cuda_single_pass_many_rows_per_cluster(vocab, sm90, monkeypatch):
     targets[::7] = -100
     targets[3::11] = -100  # runs of ignored rows of different lengths
     targets = targets.cuda()
-    old = (ops.token_logprobs(logits, targets, -100, 1.0)[0]
+    old = (psft_ext.token_logprobs(logits, targets)
            + 0.8 * (torch.rand(n, generator=g).cuda() - 0.5))
     adv = torch.where(torch.rand(n, generator=g) < 0.3, -1.5, 1.0).cuda()
-    args = (logits, targets, old, adv, 1.0, 0.2, 0.28, 3.0, -100, 1.0)
-    expected = (0.5 + torch.rand(n, generator=g)).cuda()
-    expected[5::13] = 0.0
-    *outs, grad = ops.psft_forward_backward(*args, expected)
-    ref = ops.psft_forward(*args)
-    clipped = ref[5]
+    params = [0.2, 0.28, 3.0, 1.0, 1.0]
+    (stats, grad), (ref, exp_grad) = _raw_single_and_two(logits, targets, old, adv, params,
+                                                         1500.0)
+    clipped = ref[STATS.index("clipped")]
     assert 0.05 < float(clipped[targets != -100].mean()) < 0.95  # both branches occur
-    for got, exp in zip(outs, ref):
-        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
-    exp_grad = ops.psft_backward(expected, logits, targets, ref[6], ref[7], -100, 1.0)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, exp_grad, rtol=2e-2, atol=1e-6)
-    silent = (targets == -100) | (ref[7] == 0) | (expected == 0)
+    silent = (targets == -100) | (ref[STATS.index("coef")] == 0)
     assert int(torch.count_nonzero(grad[silent])) == 0
     # In place over the same (contiguous, aligned) rows: the same kernel path, bit for bit.
     work = logits.clone()
-    outs2 = ops.psft_forward_backward_(work, *args[1:], expected)
-    assert torch.equal(work, grad) and all(torch.equal(a, b) for a, b in zip(outs2, outs))
+    (stats2, _), _ = _raw_single_and_two(work, targets, old, adv, params, 1500.0, grad=work)
+    assert torch.equal(work, grad) and torch.equal(stats2, stats)

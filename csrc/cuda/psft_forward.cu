@@ -1,5 +1,5 @@
-// PSFT forward and token log-probs: one read of each row of logits, an online softmax, and the
-// per-token epilogue (psft::token_loss) on one thread per row.
+// PSFT forward: one read of each row of logits, an online softmax, and the per-token epilogue
+// (psft::token_loss) on one thread per row.
 #include "psft_common.cuh"
 #include "psft_launch.h"
 #include "psft_softmax.cuh"
@@ -75,25 +75,21 @@ __device__ __forceinline__ RowResult uniform_result(float value) {
   return {value, value, value, value, value, value, value, value};
 }
 
-template <bool kLoss>
 __device__ __forceinline__ void write_result(const ForwardOutputs& out, int64_t row,
                                              const RowResult& r) {
   out.logp[row] = r.logp;
-  if (out.entropy != nullptr) out.entropy[row] = r.entropy;
-  if constexpr (kLoss) {
-    out.loss[row] = r.loss;
-    out.ratio[row] = r.ratio;
-    out.log_ratio[row] = r.log_ratio;
-    out.clipped[row] = r.clipped;
-    out.lse[row] = r.lse;
-    out.coef[row] = r.coef;
-  }
+  out.entropy[row] = r.entropy;
+  out.loss[row] = r.loss;
+  out.ratio[row] = r.ratio;
+  out.log_ratio[row] = r.log_ratio;
+  out.clipped[row] = r.clipped;
+  out.lse[row] = r.lse;
+  out.coef[row] = r.coef;
 }
 
-// kLoss = false is token_logprobs: same pass, no loss epilogue, only logp (and entropy) written.
 // Rows are assigned to row groups of kThreadsPerRow threads with a grid stride; a group larger
 // than a warp is the whole block, so its barriers see uniform control flow.
-template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kLoss>
+template <typename T, int kThreadsPerRow, int kRowsPerBlock>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
                                   kResidentThreadsPerSm / (kThreadsPerRow * kRowsPerBlock))
     psft_forward_kernel(const Rows in, const float* __restrict__ old_logprobs,
@@ -114,23 +110,21 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
   for (int64_t row = first_row; row < in.rows; row += row_step) {
     const int64_t target = load_target(in.targets, in.targets_int32, row);
     if (target == params.ignore_index) {
-      if (lane == 0) write_result<kLoss>(out, row, uniform_result(0.0f));
+      if (lane == 0) write_result(out, row, uniform_result(0.0f));
       continue;
     }
     // Rejected before launch; never read outside the row if one slips through.
     if (!target_in_range(target, in.vocab)) {
-      if (lane == 0) write_result<kLoss>(out, row, uniform_result(NAN));
+      if (lane == 0) write_result(out, row, uniform_result(NAN));
       continue;
     }
     const T* row_logits = logits + row * in.row_stride;
     // Issued before the scan so their latency hides behind it (not in the serial epilogue).
     const float z_target = lane == 0 ? load_element(row_logits + target) : 0.0f;
     float old_logp_in = 0.0f, advantage = params.advantage;
-    if constexpr (kLoss) {
-      if (lane == 0) {
-        if (old_logprobs != nullptr) old_logp_in = __ldg(old_logprobs + row);
-        if (advantages != nullptr) advantage = __ldg(advantages + row);
-      }
+    if (lane == 0) {
+      if (old_logprobs != nullptr) old_logp_in = __ldg(old_logprobs + row);
+      if (advantages != nullptr) advantage = __ldg(advantages + row);
     }
     ThreadStats mine;
     if constexpr (kThreadsPerRow == kWarpSize) {
@@ -149,36 +143,15 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     // whose only finite logit is the target gets logp == 0 exactly.
     r.logp = __fmul_rn(z_target, params.inv_temperature) - r.lse;
     r.entropy = softmax_entropy(st);
-    if constexpr (kLoss) {
-      const float old_logp = old_logprobs != nullptr ? old_logp_in : r.logp;
-      const TokenLoss t = token_loss(r.logp, old_logp, advantage, params);
-      r.loss = t.loss;
-      r.ratio = t.ratio;
-      r.log_ratio = t.log_ratio;
-      r.clipped = t.clipped;
-      r.coef = t.coef;
-    }
-    write_result<kLoss>(out, row, r);
+    const float old_logp = old_logprobs != nullptr ? old_logp_in : r.logp;
+    const TokenLoss t = token_loss(r.logp, old_logp, advantage, params);
+    r.loss = t.loss;
+    r.ratio = t.ratio;
+    r.log_ratio = t.log_ratio;
+    r.clipped = t.clipped;
+    r.coef = t.coef;
+    write_result(out, row, r);
   }
-}
-
-template <bool kLoss>
-cudaError_t launch_forward(const Rows& in, const float* old_logprobs, const float* advantages,
-                           const LossParams& params, const ForwardOutputs& out,
-                           cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
-      out.logp == nullptr) {
-    return cudaErrorInvalidValue;
-  }
-  return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
-    return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
-      psft_forward_kernel<T, kThreadsPerRow, kRowsPerBlock, kLoss>
-          <<<grid_for_rows(in.rows, kRowsPerBlock), kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
-              in, old_logprobs, advantages, params, out);
-      return cudaGetLastError();
-    });
-  });
 }
 
 }  // namespace
@@ -186,23 +159,21 @@ cudaError_t launch_forward(const Rows& in, const float* old_logprobs, const floa
 cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
                                 const float* advantages, const LossParams& params,
                                 const ForwardOutputs& out, cudaStream_t stream) {
-  if (in.rows > 0 && (out.loss == nullptr || out.entropy == nullptr || out.ratio == nullptr ||
-                      out.log_ratio == nullptr || out.clipped == nullptr ||
-                      out.lse == nullptr || out.coef == nullptr)) {
+  if (in.rows == 0) return cudaSuccess;
+  if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
+      out.loss == nullptr || out.logp == nullptr || out.entropy == nullptr ||
+      out.ratio == nullptr || out.log_ratio == nullptr || out.clipped == nullptr ||
+      out.lse == nullptr || out.coef == nullptr) {
     return cudaErrorInvalidValue;
   }
-  return launch_forward<true>(in, old_logprobs, advantages, params, out, stream);
-}
-
-cudaError_t launch_token_logprobs(const Rows& in, int64_t ignore_index, float inv_temperature,
-                                  float* logp, float* entropy, cudaStream_t stream) {
-  LossParams params;
-  params.ignore_index = ignore_index;
-  params.inv_temperature = inv_temperature;
-  ForwardOutputs out{};
-  out.logp = logp;
-  out.entropy = entropy;
-  return launch_forward<false>(in, nullptr, nullptr, params, out, stream);
+  return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
+    return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
+      psft_forward_kernel<T, kThreadsPerRow, kRowsPerBlock>
+          <<<grid_for_rows(in.rows, kRowsPerBlock), kThreadsPerRow * kRowsPerBlock, 0, stream>>>(
+              in, old_logprobs, advantages, params, out);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace cuda

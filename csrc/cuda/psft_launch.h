@@ -1,8 +1,8 @@
 // Launchers of the PSFT CUDA kernels: raw pointers, sizes and a cudaStream_t, no torch types.
 //
 // The kernels (psft_forward.cu, psft_backward.cu, ...) include only CUDA headers and this file, so
-// they compile with nvcc on a machine whose torch has no CUDA (the CI compile check); the
-// torch-facing glue that calls these launchers is psft_cuda.cpp, built only against a CUDA torch.
+// they compile with nvcc alone (the CI compile check); the torch-facing glue that calls these
+// launchers is psft_cuda.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,10 +47,6 @@ struct ForwardOutputs {
 cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
                                 const float* advantages, const LossParams& params,
                                 const ForwardOutputs& out, cudaStream_t stream);
-
-// Log-probs of the targets and per-token entropy (0 for ignored rows).
-cudaError_t launch_token_logprobs(const Rows& in, int64_t ignore_index, float inv_temperature,
-                                  float* logp, float* entropy, cudaStream_t stream);
 
 // grad_logits[r, j] = grad_loss[r] * coef[r] * inv_temperature * (exp(z[r, j] * inv_temperature
 // - lse[r]) - [j == y_r]), written densely (row stride V) in the logits' dtype. Rows whose

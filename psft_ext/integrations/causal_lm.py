@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from ..labels import shift_labels
-from ..linear import linear_psft_loss, linear_token_logprobs
-from ..loss import psft_loss, token_logprobs
+from ..linear import linear_loss, linear_token_logprobs
+from ..loss import logits_loss, token_logprobs
+from ..params import OPTION_NAMES, LossParams, loss_params
 
 # Key under which a batch carries the old policy's per-token log-probs (see old_policy.py).
 OLD_LOGPROBS_KEY = "psft_old_logprobs"
@@ -189,7 +190,9 @@ class CausalLMPSFT:
     """PSFT loss / token log-probs of a Hugging Face style causal LM on a batch.
 
     Args:
-        clip_low, clip_high: the trust region of the ratio (authors' recipe: 0.2, 0.28).
+        params: the loss's options as a :class:`psft_ext.LossParams` (reduction "mean": the loss
+            is a token mean over ``num_items``); or, instead, its fields as keywords
+            (``clip_low=0.2, clip_high=0.28, ...``; authors' recipe by default).
         use_fused_linear: compute from the hidden states and the LM head without forming the
             logits (falls back to the logits by itself where that would be wrong).
         chunk_size: rows of logits formed at a time by the fused linear loss (None: automatic).
@@ -198,29 +201,35 @@ class CausalLMPSFT:
             rounding at the end, a float32 V x H buffer) or, with False, in the weight's dtype
             (one rounding per chunk, no extra buffer); see :func:`psft_ext.linear_psft_loss`.
             No effect on float32 weights, on the logits path or on the token log-probs.
-        ignore_index, temperature: as for :func:`psft_ext.psft_loss`.
 
-    ``model`` is what is called (possibly a DDP / accelerate wrapper); ``lm`` is the unwrapped
-    causal LM, where the LM head and the config are looked up (default: ``unwrap_model(model)``).
+    The options read back as attributes (``head.clip_low``). ``model`` is what is called
+    (possibly a DDP / accelerate wrapper); ``lm`` is the unwrapped causal LM, where the LM head
+    and the config are looked up (default: ``unwrap_model(model)``).
     """
 
-    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
-                 use_fused_linear: bool = True, chunk_size: Optional[int] = None,
-                 accumulate_float32: bool = True, ignore_index: int = -100,
-                 temperature: float = 1.0):
+    def __init__(self, params: Optional[LossParams] = None, *, use_fused_linear: bool = True,
+                 chunk_size: Optional[int] = None, accumulate_float32: bool = True, **options):
         if not isinstance(accumulate_float32, bool):
             raise TypeError(f"CausalLMPSFT: accumulate_float32 must be a bool, got "
                             f"{accumulate_float32!r} ({type(accumulate_float32).__name__})")
-        self.clip_low = clip_low
-        self.clip_high = clip_high
+        if params is not None and options:
+            raise TypeError("CausalLMPSFT: pass the options either as params or as keywords")
+        self.params = params if params is not None else loss_params("CausalLMPSFT", options)
+        if self.params.reduction != "mean":
+            raise ValueError(f"CausalLMPSFT: the loss is a token mean over num_items; reduction "
+                             f"must be 'mean', got {self.params.reduction!r}")
         self.use_fused_linear = use_fused_linear
         self.chunk_size = chunk_size
         self.accumulate_float32 = accumulate_float32
-        self.ignore_index = ignore_index
-        self.temperature = temperature
         self._blocked: Optional[str] = None
         # One decision per model: a _FusedPlan, or False for the logits path.
         self._plans = weakref.WeakKeyDictionary()
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("params")
+        if params is not None and name in OPTION_NAMES:
+            return getattr(params, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---------------------------------------------------------------------------------------
     # Choosing the path
@@ -393,18 +402,17 @@ class CausalLMPSFT:
             old_logprobs = batch.get(OLD_LOGPROBS_KEY)
         targets = batch_targets(batch, self.ignore_index)
         head = self.forward(model, batch, lm)
-        kwargs = dict(clip_low=self.clip_low, clip_high=self.clip_high,
-                      ignore_index=self.ignore_index, temperature=self.temperature,
-                      num_items=num_items, return_metrics=True)
         if head.hidden is not None:
             with head.autocast():
-                loss, metrics = linear_psft_loss(
+                loss, metrics = linear_loss(
                     head.hidden, head.weight, targets.to(head.hidden.device),
-                    _on(old_logprobs, head.hidden), bias=head.bias, chunk_size=self.chunk_size,
-                    accumulate_float32=self.accumulate_float32, **kwargs)
+                    _on(old_logprobs, head.hidden), self.params, bias=head.bias,
+                    chunk_size=self.chunk_size, accumulate_float32=self.accumulate_float32,
+                    num_items=num_items, return_metrics=True, fn="CausalLMPSFT.loss")
             return _joined(loss, head.output), metrics
-        return psft_loss(head.logits, targets.to(head.logits.device),
-                         _on(old_logprobs, head.logits), **kwargs)
+        return logits_loss(head.logits, targets.to(head.logits.device),
+                           _on(old_logprobs, head.logits), self.params, num_items=num_items,
+                           return_metrics=True, fn="CausalLMPSFT.loss")
 
     def token_logprobs(self, model: nn.Module, batch: Mapping[str, Any],
                        lm: Optional[nn.Module] = None) -> torch.Tensor:

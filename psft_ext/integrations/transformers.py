@@ -59,6 +59,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..loss import token_logprobs
+from ..params import LossParams, loss_params
 from .causal_lm import (OLD_LOGPROBS_KEY, CausalLMPSFT, batch_targets, count_targets,
                         model_inputs, unwrap_model)
 from .old_policy import OldPolicyGroups, compute_old_logprobs
@@ -123,11 +124,7 @@ class PSFTArguments:
 
 def validate_psft_arguments(args) -> None:
     values = psft_values(args)
-    for name in ("clip_low", "clip_high"):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not 0 <= value < float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    loss_params_of(args)
     k = values["steps_per_old_policy"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"steps_per_old_policy must be an int >= 1, got {k!r}")
@@ -138,6 +135,13 @@ def validate_psft_arguments(args) -> None:
     if not isinstance(accumulate, bool):
         raise TypeError(f"fused_linear_accumulate_float32 must be a bool, got {accumulate!r} "
                         f"({type(accumulate).__name__})")
+
+
+def loss_params_of(args) -> LossParams:
+    """The loss's options of a config (its ``clip_low`` and ``clip_high``), validated."""
+    values = psft_values(args)
+    return loss_params("PSFTConfig", dict(clip_low=values["clip_low"],
+                                          clip_high=values["clip_high"]))
 
 
 def psft_values(args) -> dict:
@@ -190,8 +194,7 @@ class PSFTTrainerMixin:
             raise ValueError("use_liger_kernel replaces the model's loss and LM head; PSFTTrainer "
                              "computes the PSFT loss itself: leave use_liger_kernel off")
         self._psft_head = CausalLMPSFT(
-            clip_low=values["clip_low"], clip_high=values["clip_high"],
-            use_fused_linear=values["use_fused_linear"],
+            loss_params_of(args), use_fused_linear=values["use_fused_linear"],
             chunk_size=values["fused_linear_chunk_size"],
             accumulate_float32=values["fused_linear_accumulate_float32"])
         blocker = self._psft_fused_blocker()

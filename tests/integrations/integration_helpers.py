@@ -167,15 +167,16 @@ def conversation_dataset(n=32, seed=0):
 
 
 def spy_accumulate_float32(monkeypatch):
-    """Wraps causal_lm's linear_psft_loss; returns the list of accumulate_float32 values it got."""
+    """Wraps causal_lm's fused linear loss (linear_loss); returns the list of accumulate_float32
+    values it got."""
     from psft_ext.integrations import causal_lm
 
     seen = []
-    real = causal_lm.linear_psft_loss
+    real = causal_lm.linear_loss
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("accumulate_float32", "not passed"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(causal_lm, "linear_psft_loss", spy)
+    monkeypatch.setattr(causal_lm, "linear_loss", spy)
     return seen

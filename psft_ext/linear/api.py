@@ -1,0 +1,168 @@
+"""The fused linear loss's public functions: argument checks, then the ops (ops.py)."""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._ops import ops
+from ..arguments import (LOGITS_DTYPES, check_targets, flat_targets, num_items_arg,
+                         old_and_advantages)
+from ..loss import stats_of
+from ..metrics import PSFTMetrics
+from ..params import LossParams, loss_params
+from . import ops as _registrations  # noqa: F401  (the linear ops' implementations)
+
+
+def check_linear_inputs(hidden, weight, bias, targets, fn):
+    """Checks the shapes, dtypes and devices; returns the dtype of the matmuls (the autocast
+    dtype inside an autocast region of hidden's device type, else the inputs' dtype)."""
+    for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{fn}: bias must be a tensor or None, got {type(bias).__name__}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{fn}: hidden must have a hidden dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{fn}: weight {tuple(weight.shape)} does not match hidden's last dimension "
+            f"{hidden.shape[-1]} (weight is (V, H), as model.get_output_embeddings().weight)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{fn}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    floats = [("hidden", hidden), ("weight", weight)]
+    if bias is not None:
+        floats.append(("bias", bias))
+    for name, value in floats:
+        if value.dtype not in LOGITS_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float32, bfloat16 or float16, got {value.dtype}")
+    check_targets(targets, hidden.shape[:-1], "hidden", fn)
+    for name, value in floats[1:] + [("targets", targets)]:
+        if value.device != hidden.device:
+            raise ValueError(f"{fn}: {name} is on {value.device} but hidden is on {hidden.device}")
+    if weight.shape[0] == 0 and targets.numel() > 0:
+        raise ValueError(f"{fn}: weight has an empty vocabulary dimension")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    for name, value in floats[1:]:
+        if value.dtype != hidden.dtype:
+            raise TypeError(
+                f"{fn}: {name} is {value.dtype} but hidden is {hidden.dtype} (outside autocast "
+                f"they must match, as for hidden @ weight.T)")
+    return hidden.dtype
+
+
+def check_chunk_size(chunk_size, fn):
+    """0 stands for "choose from the shapes and free memory" in the ops."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bias=None,
+                chunk_size=None, accumulate_float32=True, advantages=1.0, num_items=None,
+                return_metrics=False, fn="linear_psft_loss"):
+    """:func:`linear_psft_loss` with its options as a :class:`LossParams` (``fn`` names the caller
+    in error messages)."""
+    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
+    chunk = check_chunk_size(chunk_size, fn)
+    ignore_index, reduction = params.ignore_index, params.reduction
+    old, adv, adv_scalar = old_and_advantages(old_logprobs, advantages, targets, fn,
+                                              where="hidden")
+    num_items_t, num_items_value = num_items_arg(num_items, reduction, fn)
+    loss, metrics, *_ = ops.linear_fwd(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets(targets, ignore_index),
+        old, adv, num_items_t, params.packed + (adv_scalar,), ignore_index, reduction,
+        num_items_value, bool(return_metrics), chunk, compute_dtype, bool(accumulate_float32),
+        False, False, False)
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    if not return_metrics:
+        return loss
+    return loss, PSFTMetrics(*metrics.unbind())
+
+
+def linear_psft_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logprobs: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    accumulate_float32: bool = True,
+    advantages: Union[float, Tensor] = 1.0,
+    num_items: Optional[Union[int, float, Tensor]] = None,
+    return_metrics: bool = False,
+    **options,
+):
+    """PSFT loss of the LM head's logits ``hidden @ weight.T + bias`` without materializing them.
+
+    Same results, metrics and gradients (for hidden, weight and bias) as
+    ``psft_loss(hidden @ weight.T + bias, targets, old_logprobs, ...)``; see
+    :func:`psft_ext.psft_loss` for the loss, ``advantages``, ``num_items``, ``return_metrics``
+    and the options (:class:`psft_ext.LossParams`' fields as keywords).
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16, the last hidden states.
+        weight: (V, H), the LM head, as ``model.get_output_embeddings().weight`` (may be tied to
+            the input embeddings; autograd adds both gradients).
+        targets: (...) int64 / int32 token ids.
+        bias: optional (V,) bias of the LM head.
+        chunk_size: rows of logits formed at a time; None chooses from the shapes and the free
+            memory (:func:`psft_ext.linear.auto_chunk_rows`). Peak memory beyond the inputs and
+            their gradients: one chunk of logits (the kernels write its gradient over it), plus,
+            for a bfloat16 / float16 weight split into several chunks, grad_weight's float32
+            accumulator.
+        accumulate_float32: for a bfloat16 / float16 weight and several chunks, accumulate
+            grad_weight across chunks in float32 (default: one rounding at the end, 2 V H
+            bytes more memory) or, with False, in the weight's dtype (one rounding per chunk,
+            no extra memory). No effect on float32 weights or a single chunk.
+
+    With reduction "mean" or "sum" and an input that requires a gradient (in grad mode), the
+    gradients are computed during this call (the only time a chunk's logits exist) and the
+    backward just scales them: evaluate under ``torch.no_grad()`` to skip that work. With
+    reduction "none", and for float16 compute whatever the reduction, the backward recomputes
+    the logits chunk by chunk (four matmuls of the size of ``hidden @ weight.T`` in all instead
+    of three). In bfloat16 / float16 the logits are ``F.linear``'s (the bias added before the
+    one rounding).
+    """
+    fn = "linear_psft_loss"
+    return linear_loss(hidden, weight, targets, old_logprobs, loss_params(fn, options), bias=bias,
+                       chunk_size=chunk_size, accumulate_float32=accumulate_float32,
+                       advantages=advantages, num_items=num_items,
+                       return_metrics=return_metrics, fn=fn)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without materializing the logits.
+
+    float32 log-probs of the targets (0 where ignored), of targets' shape; with
+    ``with_entropy=True`` also the per-token entropy. No autograd (meant for the old policy).
+    """
+    fn = "linear_token_logprobs"
+    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
+    params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature))
+    chunk = check_chunk_size(chunk_size, fn)
+    _, _, stats, *_ = ops.linear_fwd(
+        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+        None if bias is None else bias.detach(), flat_targets(targets, ignore_index), None, None,
+        None, params.packed + (1.0,), ignore_index, "none", 0.0, False, chunk, compute_dtype,
+        True, False, False, False)
+    return stats_of(stats, targets.shape, with_entropy)
