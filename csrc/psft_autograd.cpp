@@ -123,8 +123,9 @@ bool single_pass(c10::string_view reduction, at::ScalarType compute_dtype) {
 // (retain_graph=True) fails the saved-tensor check instead of scaling twice.
 Tensor scaled(Tensor grad, const Tensor& upstream) {
   // Rows of the gradient's last dimension (a 1-D gradient is one row).
-  const Tensor rows = grad.dim() >= 2 ? grad.view_symint({-1, grad.sym_size(-1)})
-                                      : grad.view_symint({1, grad.sym_size(0)});
+  const Tensor rows = grad.dim() == 2 ? grad
+                      : grad.dim() > 2 ? grad.view_symint({-1, grad.sym_size(-1)})
+                                       : grad.view_symint({1, grad.sym_size(0)});
   // The upstream scalar expanded to the rows (a SymInt under torch.compile with dynamic shapes);
   // scale_rows_ reads it with stride 0, no copy.
   call_scale_rows_(rows, upstream.to(at::kFloat).expand_symint({rows.sym_size(0)}));

@@ -121,10 +121,14 @@ void check_per_token(const std::optional<at::Tensor>& t, const at::Tensor& logit
 }
 
 LossParams checked_params(c10::ArrayRef<double> packed, int64_t ignore_index, const char* op) {
-  TORCH_CHECK_VALUE(packed.size() == kPackedParams, op, ": params must hold ",
-                    str_of(int64_t{kPackedParams}),
-                    " numbers (clip_low, clip_high, dual_clip, temperature, advantage), got ",
-                    str_of(static_cast<int64_t>(packed.size())));
+  if (packed.size() != kPackedParams) {
+    std::string names;
+    for (int i = 0; i < kPackedParams; ++i) {
+      names += std::string(i ? ", " : "") + kPackedParamNames[i];
+    }
+    TORCH_CHECK_VALUE(false, op, ": params must hold ", str_of(int64_t{kPackedParams}),
+                      " numbers (", names, "), got ", str_of(static_cast<int64_t>(packed.size())));
+  }
   for (int i = 0; i < kPackedParams; ++i) {
     TORCH_CHECK_VALUE(std::isfinite(packed[i]), op, ": ", kPackedParamNames[i],
                       " must be finite, got ", str_of(packed[i]));

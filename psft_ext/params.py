@@ -18,7 +18,9 @@ def check_finite(name, value, low=None):
     # `value - value == 0` is False exactly for nan and +-inf. Unlike math.isfinite it also
     # traces under torch.compile, where a float argument that changes between calls becomes a
     # SymFloat (math.isfinite on it is a hard error with fullgraph=True).
-    if isinstance(value, bool) or not isinstance(value, Real) or not value - value == 0:
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not value - value == 0:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and not value > low:
         raise ValueError(f"{name} must be > {low}, got {value!r}")
@@ -65,6 +67,7 @@ class LossParams:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossParams) if f.init)
+DEFAULT_PARAMS = LossParams()
 
 if PACKED_PARAMS != PACKED_OPTIONS + ("advantage",):
     raise ImportError(f"psft_ext._C packs the hyper-parameters as {PACKED_PARAMS}, not as this "
@@ -75,6 +78,8 @@ def loss_params(fn, options, base=None):
     """``LossParams`` from keyword ``options`` (over ``base``'s values when given). An option
     that is not a field raises a TypeError naming the calling function ``fn``; a bad value, the
     LossParams check's error."""
+    if not options:
+        return DEFAULT_PARAMS if base is None else base
     for name in options:
         if name not in OPTION_NAMES:
             raise TypeError(f"{fn}: unknown option {name!r} (the loss's options are "

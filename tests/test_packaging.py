@@ -51,7 +51,8 @@ def test_sdist_holds_every_native_source(tmp_path):
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     sources = _native_sources()
     assert {"csrc/psft_checks.h", "csrc/cuda/psft_forward.cu"} <= sources  # the walk found them
-    wanted = sources | {"setup.py", "pyproject.toml", "CMakeLists.txt", "psft_ext/__init__.py"}
+    wanted = sources | {"setup.py", "pyproject.toml", "CMakeLists.txt", "psft_ext/__init__.py",
+                        "psft_ext/linear/__init__.py", "psft_ext/linear/ops.py"}
     missing = sorted(wanted - members)
     assert not missing, f"missing from the sdist: {missing}"
     assert not [m for m in members if m.endswith((".so", ".o"))], "build outputs in the sdist"
