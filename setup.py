@@ -76,7 +76,20 @@ def _extension():
     )
 
 
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Compiles into build/ of the source tree, whatever temporary directory the installer gives
+    (pip's editable installs give a fresh one each time): ninja then recompiles only what
+    changed, so a second `pip install -e` (other extras, or after editing one file) reuses the
+    first one's objects. One folder per Python, torch and kernel set."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        kind = "cuda" if _with_cuda() else "cpu"
+        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{kind}"
+        self.build_temp = os.path.join(HERE, "build", f"obj-{tag}")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
 )

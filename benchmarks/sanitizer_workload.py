@@ -29,7 +29,7 @@ def main():
             # The gradient written over the logits (the fused linear loss's chunks) on a
             # contiguous copy, forward and backward.
             ops = torch.ops.psft_ext
-            params = [0.2, 0.28, 0.0, 1.0, 1.0]
+            params = psft_ext.LossParams().op_args()
             work = logits.detach().clone()
             _, _, stats = ops.psft_fwd(work, targets, old, None, params, -100, "sum", None, 0.0,
                                        True, work)

@@ -24,7 +24,7 @@ def logits_loss(logits, targets, old_logprobs, params: LossParams, advantages=1.
     num_items_t, num_items_value = num_items_arg(num_items, reduction, fn)
     loss, metrics, _ = ops.psft_fwd(
         logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1]),
-        flat_targets(targets, ignore_index), old, adv, params.packed + (adv_scalar,),
+        flat_targets(targets, ignore_index), old, adv, params.op_args(adv_scalar),
         ignore_index, reduction, num_items_t, num_items_value, bool(return_metrics), None)
     if reduction == "none":
         loss = loss.view(targets.shape)
@@ -94,7 +94,7 @@ def token_logprobs(
     params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature))
     _, _, stats = ops.psft_fwd(logits.detach().reshape(-1, logits.shape[-1]),
                                flat_targets(targets, ignore_index), None, None,
-                               params.packed + (1.0,), ignore_index, "none", None, 0.0, False,
+                               params.op_args(), ignore_index, "none", None, 0.0, False,
                                None)
     return stats_of(stats, targets.shape, with_entropy)
 

@@ -65,6 +65,10 @@ class LossParams:
         values = (getattr(self, name) for name in PACKED_OPTIONS)
         object.__setattr__(self, "packed", tuple(0.0 if v is None else float(v) for v in values))
 
+    def op_args(self, advantage=1.0):
+        """The ops' ``float[] params``: ``packed``, then the call's scalar advantage."""
+        return self.packed + (float(advantage),)
+
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossParams) if f.init)
 DEFAULT_PARAMS = LossParams()

@@ -16,6 +16,7 @@ import torch
 
 import psft_ext
 from psft_ext import reference
+from psft_ext._ops import PACKED_PARAMS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -200,12 +201,20 @@ def make_case(
     )
 
 
+def raw_params(advantage=1.0, **values):
+    """The ops' packed ``params``: LossParams' defaults, then ``values`` by name, unchecked (so
+    that tests can pass bad ones too)."""
+    packed = list(psft_ext.LossParams().op_args(advantage))
+    for name, value in values.items():
+        packed[PACKED_PARAMS.index(name)] = value
+    return packed
+
+
 def op_params(case, advantage=1.0):
-    """The case's hyper-parameters packed as the ops take them (psft_ext.LossParams.packed and
-    the scalar advantage)."""
+    """The case's options packed as the ops take them, with the scalar advantage."""
     kw = dict(case.kwargs)
     kw.pop("ignore_index")
-    return list(psft_ext.LossParams(**kw).packed) + [advantage]
+    return list(psft_ext.LossParams(**kw).op_args(advantage))
 
 
 def fwd_args(case, logits=None, *, reduction="none", with_old=True, with_adv=True,

@@ -13,7 +13,7 @@ import torch
 
 import psft_ext
 
-from conftest import dtype_id, generator
+from conftest import dtype_id, generator, raw_params
 
 ops = torch.ops.psft_ext
 
@@ -36,7 +36,7 @@ def _inputs(vocab, dtype, seed):
     return z.to(dtype), targets, old
 
 
-PARAMS = [0.2, 0.28, 0.0, 0.8, 1.0]  # clip_low, clip_high, dual_clip, temperature, advantage
+PARAMS = raw_params(temperature=0.8)  # clip_low, clip_high, dual_clip, temperature, advantage
 
 
 def _forward(x, targets, old):

@@ -8,6 +8,8 @@ import torch
 
 import psft_ext
 
+from conftest import raw_params
+
 ops = torch.ops.psft_ext
 NAN, INF = float("nan"), float("inf")
 
@@ -318,7 +320,7 @@ def test_ops_backward_checks():
     logits, targets = _inputs()
     stats = _fwd(logits, targets)
     g = torch.ones(6)
-    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    params = raw_params()
 
     def bwd(g=g, logits=logits, targets=targets, stats=stats, params=params):
         ops.psft_bwd(g, logits, targets, stats, params, -100, torch.empty(logits.shape))
@@ -337,9 +339,9 @@ def test_ops_backward_checks():
     with pytest.raises(ValueError, match="targets must have shape"):
         bwd(targets=targets[:4])
     with pytest.raises(ValueError, match="temperature"):
-        bwd(params=[0.2, 0.28, 0.0, 0.0, 1.0])
+        bwd(params=raw_params(temperature=0.0))
     with pytest.raises(ValueError, match="params must hold 5 numbers"):
-        bwd(params=[0.2, 0.28, 0.0, 1.0])
+        bwd(params=raw_params()[:-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from psft_ext import reference
 from psft_ext.linear import accumulate, chunks
 from psft_ext.linear import ops as linear_ops
 
-from conftest import DTYPES, LOW_PRECISION, assert_close_scaled, dtype_id, generator, make_case
+from conftest import (DTYPES, LOW_PRECISION, assert_close_scaled, dtype_id, generator, make_case,
+                      raw_params)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -663,7 +664,7 @@ def test_opcheck(device):
     t, old, adv = case.targets, case.old_logprobs, case.advantages
     den = torch.tensor(7.0, device=device)
     ops = torch.ops.psft_ext
-    params = [0.2, 0.28, 3.0, 1.0, 1.0]
+    params = raw_params(dual_clip=3.0)
     # With inputs that require a gradient the single pass's backward scales in place gradients
     # saved in the forward; opcheck's AOT test returns every output of the op, which AOT
     # autograd's partitioner cannot split (test_loss_reduced.py's opcheck says more). Compiled
@@ -671,7 +672,7 @@ def test_opcheck(device):
     no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in [(h, w, b, t, old, adv, den, params, -100, "mean", 0.0, True, 4, torch.float32,
                   True, False, False, False),
-                 (h, w, None, t, None, None, None, [0.2, 0.28, 0.0, 0.9, -1.0], -100, "sum", 0.0,
+                 (h, w, None, t, None, None, None, raw_params(-1.0, temperature=0.9), -100, "sum", 0.0,
                   False, 0, torch.float32, True, False, False, False)]:
         torch.library.opcheck(ops.linear_fwd, args, test_utils=no_aot)
     detached = (h.detach(), w.detach(), b.detach())
@@ -684,7 +685,7 @@ def test_opcheck(device):
                           torch.float32, True, False, False, False)),
         (ops.linear_bwd, (torch.randn(13, device=device), *detached, t, stats, params, -100, 4,
                           torch.float32, True, True, True, True)),
-        (ops.linear_fwd, (*detached, t, None, None, None, [0.2, 0.28, 0.0, 1.0, 1.0], -100,
+        (ops.linear_fwd, (*detached, t, None, None, None, raw_params(), -100,
                           "none", 0.0, False, 4, torch.float32, True, False, False, False)),
     ]
     for op, args in calls:
@@ -699,7 +700,7 @@ def test_opcheck_column_major_hidden(device):
     h_cm = h.detach().t().contiguous().t()
     assert h_cm.stride() == (1, 13)
     args = (h_cm, w.detach(), b.detach(), case.targets, case.old_logprobs, None, None,
-            [0.2, 0.28, 0.0, 1.0, 1.0], -100, "mean", 0.0, False, 4, torch.float32, True, True,
+            raw_params(), -100, "mean", 0.0, False, 4, torch.float32, True, True,
             True, True)
     torch.library.opcheck(torch.ops.psft_ext.linear_fwd, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -20,6 +20,7 @@ from conftest import (
     fused_and_reference,
     generator,
     make_case,
+    raw_params,
 )
 
 ADVANTAGE_KINDS = ["scalar", "negative_scalar", "zero_d", "token", "row", "negative"]
@@ -465,7 +466,7 @@ def test_log_ratio_clamp(device, adv, dual_clip):
     torch.testing.assert_close(ratio_ref[far], torch.exp(torch.sign(shift[far]) * 20.0))
     _, _, stats = torch.ops.psft_ext.psft_fwd(
         case.logits.detach(), case.targets, case.old_logprobs, None,
-        [0.2, 0.28, 0.0 if dual_clip is None else dual_clip, 1.0, adv], -100, "none", None, 0.0,
+        raw_params(adv, dual_clip=0.0 if dual_clip is None else dual_clip), -100, "none", None, 0.0,
         False, None)
     ratio, log_ratio = stats[3], stats[4]
     torch.testing.assert_close(ratio.double(), ratio_ref, rtol=1e-5, atol=0.0)
@@ -497,7 +498,7 @@ def test_infinite_old_logprobs_are_clamped(device):
     check_all(fused, ref, torch.float32)
     assert torch.count_nonzero(fused["grad"]) == 0
     _, _, stats = torch.ops.psft_ext.psft_fwd(case.logits.detach(), case.targets,
-                                              case.old_logprobs, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+                                              case.old_logprobs, None, raw_params(),
                                               -100, "none", None, 0.0, False, None)
     assert stats[4].tolist() == [-20.0, 20.0, -20.0, 20.0]  # log_ratio
 

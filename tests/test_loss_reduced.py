@@ -9,7 +9,7 @@ import torch
 import psft_ext
 from psft_ext import reference
 
-from conftest import DTYPES, dtype_id, fwd_args, make_case
+from conftest import DTYPES, dtype_id, fwd_args, make_case, raw_params
 
 ops = torch.ops.psft_ext
 
@@ -182,7 +182,7 @@ def test_reduced_count_compares_int32_targets_in_int64(device):
     count."""
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([0, 2, 3, 8], dtype=torch.int32, device=device)
-    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    params = raw_params()
     loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, params, 2**32, "mean", None, 0.0,
                                     True, None)
     assert float(metrics[5]) == 4
@@ -196,7 +196,7 @@ def test_reduced_empty_and_all_ignored(device):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
         grad = torch.empty(n, 7, device=device)
-        loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+        loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, raw_params(),
                                         -100, "mean", None, 0.0, True, grad)
         assert float(loss) == 0.0 and grad.shape == (n, 7)
         assert torch.count_nonzero(metrics) == 0 and torch.count_nonzero(grad) == 0
@@ -227,7 +227,7 @@ def test_reduced_opcheck(device):
 def test_reduced_argument_errors(device):
     logits = torch.randn(4, 9, device=device, requires_grad=True)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    rest = (None, None, [0.2, 0.28, 0.0, 1.0, 1.0], -100, "mean")
+    rest = (None, None, raw_params(), -100, "mean")
 
     def fwd(t=targets, num_items=None, value=0.0, reduction="mean"):
         return ops.psft_fwd(logits, t, *rest[:4], reduction, num_items, value, False, None)

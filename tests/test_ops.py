@@ -6,7 +6,7 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, dtype_id, fwd_args, generator, make_case, op_params
+from conftest import DTYPES, dtype_id, fwd_args, generator, make_case, op_params, raw_params
 
 ops = torch.ops.psft_ext
 
@@ -63,7 +63,7 @@ def test_opcheck_token_logprobs(device, dtype):
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, with_old=False, seed=43)
     x = case.logits.detach().reshape(-1, 13)
     torch.library.opcheck(ops.psft_fwd, (x, case.targets.reshape(-1), None, None,
-                                         [0.2, 0.28, 0.0, 1.5, 1.0], -100, "none", None, 0.0,
+                                         raw_params(temperature=1.5), -100, "none", None, 0.0,
                                          False, None))
 
 
@@ -95,10 +95,10 @@ def test_backward_of_rows_without_elements(device):
     grad = torch.empty(3, 0, device=device)
     ops.psft_bwd(torch.ones(3, device=device), logits,
                  torch.zeros(3, dtype=torch.long, device=device),
-                 torch.zeros(8, 3, device=device), [0.2, 0.28, 0.0, 1.0, 1.0], -100, grad)
+                 torch.zeros(8, 3, device=device), raw_params(), -100, grad)
     ops.psft_bwd(torch.ones(3, device=device), logits,
                  torch.zeros(3, dtype=torch.long, device=device),
-                 torch.zeros(8, 3, device=device), [0.2, 0.28, 0.0, 1.0, 1.0], -100, logits)
+                 torch.zeros(8, 3, device=device), raw_params(), -100, logits)
     assert grad.shape == (3, 0) and grad.device == logits.device
 
 

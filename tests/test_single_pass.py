@@ -8,7 +8,8 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case, op_params
+from conftest import (DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case, op_params,
+                      raw_params)
 
 ops = torch.ops.psft_ext
 STATS = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
@@ -131,7 +132,7 @@ def test_empty_and_all_ignored(device):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
         grad = torch.full((n, 7), 5.0, device=device)
-        loss, metrics, stats = ops.psft_fwd(logits, targets, None, None, [0.2, 0.28, 0.0, 1.0, 1.0],
+        loss, metrics, stats = ops.psft_fwd(logits, targets, None, None, raw_params(),
                                             -100, "mean", None, 0.0, True, grad)
         assert stats.shape == (8, n) and grad.shape == (n, 7)
         assert all(int(torch.count_nonzero(o)) == 0 for o in (loss, metrics, stats, grad))
@@ -151,7 +152,7 @@ def test_opcheck(device):
 def test_argument_errors(device):
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    params = raw_params()
 
     def fwd(t=targets, grad=None):
         return ops.psft_fwd(logits, t, None, None, params, -100, "sum", None, 0.0, False, grad)
@@ -227,7 +228,7 @@ def test_cuda_single_pass_shapes(dtype, vocab, offset, sm90, monkeypatch):
     targets[::5] = -100
     old = (psft_ext.token_logprobs(logits, targets)
            + 0.6 * (torch.rand(n, generator=g).cuda() - 0.5))
-    params = [0.2, 0.28, 0.0, 0.9, 1.0]
+    params = raw_params(temperature=0.9)
     (stats, grad), (ref, exp_grad) = _raw_single_and_two(logits, targets, old, None, params, 7.0)
     torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
     tol = dict(rtol=2e-2, atol=1e-6) if dtype in LOW_PRECISION else dict(rtol=1e-4, atol=1e-8)
@@ -254,7 +255,7 @@ def test_single_pass_overlapping_rows(device, sm90, monkeypatch):
     row = (torch.randn(vocab, generator=g) * 2.0).to(torch.bfloat16).to(device)
     logits = row.expand(n, vocab)
     targets = torch.randint(0, vocab, (n,), generator=g).to(device)
-    params = [0.2, 0.28, 0.0, 1.0, 1.0]
+    params = raw_params()
     (stats, grad), _ = _raw_single_and_two(logits, targets, None, None, params, 4.0)
     (ref_stats, ref_grad), _ = _raw_single_and_two(logits.contiguous(), targets, None, None,
                                                    params, 4.0)
@@ -291,7 +292,7 @@ def test_cuda_single_pass_many_rows_per_cluster(vocab, sm90, monkeypatch):
     old = (psft_ext.token_logprobs(logits, targets)
            + 0.8 * (torch.rand(n, generator=g).cuda() - 0.5))
     adv = torch.where(torch.rand(n, generator=g) < 0.3, -1.5, 1.0).cuda()
-    params = [0.2, 0.28, 3.0, 1.0, 1.0]
+    params = raw_params(dual_clip=3.0)
     (stats, grad), (ref, exp_grad) = _raw_single_and_two(logits, targets, old, adv, params,
                                                          1500.0)
     clipped = ref[STATS.index("clipped")]

@@ -78,7 +78,7 @@ def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bi
     num_items_t, num_items_value = num_items_arg(num_items, reduction, fn)
     loss, metrics, *_ = ops.linear_fwd(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets(targets, ignore_index),
-        old, adv, num_items_t, params.packed + (adv_scalar,), ignore_index, reduction,
+        old, adv, num_items_t, params.op_args(adv_scalar), ignore_index, reduction,
         num_items_value, bool(return_metrics), chunk, compute_dtype, bool(accumulate_float32),
         False, False, False)
     if reduction == "none":
@@ -163,6 +163,6 @@ def linear_token_logprobs(
     _, _, stats, *_ = ops.linear_fwd(
         hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
         None if bias is None else bias.detach(), flat_targets(targets, ignore_index), None, None,
-        None, params.packed + (1.0,), ignore_index, "none", 0.0, False, chunk, compute_dtype,
+        None, params.op_args(), ignore_index, "none", 0.0, False, chunk, compute_dtype,
         True, False, False, False)
     return stats_of(stats, targets.shape, with_entropy)
