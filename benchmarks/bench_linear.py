@@ -154,7 +154,7 @@ def bench_shape(n, hidden_size, vocab, dtype, device, contenders, reps, warmup, 
 
     def chunk_of(loss_fn):
         """The chunk rows (and bytes) the fused linear loss will choose: with a float32
-        accumulator of a 2-byte head's gradient, larger chunks (psft_ext.linear.chunks.chunk_rows)."""
+        accumulator of a 2-byte head's gradient, larger chunks (linear.chunks.chunk_rows)."""
         if not hasattr(loss_fn, "accumulate_float32"):
             return {}
         low = dtype != torch.float32 and loss_fn.accumulate_float32

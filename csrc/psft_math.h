@@ -73,7 +73,8 @@ struct TokenLoss {
   float loss;       // per-token loss
   float ratio;      // r (after the log-ratio clamp)
   float log_ratio;  // clamp(logp - old_logp, -20, 20); approx_kl is its negative
-  float coef;       // A * r on the unclipped branch, else 0: dloss/dz_j = coef * (p_j - [j == y]) / tau
+  float coef;       // A * r on the unclipped branch, else 0:
+                    // dloss/dz_j = coef * (p_j - [j == y]) / tau
   float clipped;    // 1 where the clip or the dual clip is active, else 0 (a float: it is averaged)
 };
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import psft_ext
+import psft_ext  # noqa: F401  (loads the ops)
 
 from conftest import dtype_id, generator, raw_params
 

@@ -16,7 +16,7 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, assert_close_scaled, dtype_id, generator, make_case
+from conftest import DTYPES, assert_close_scaled, dtype_id, generator, make_case, raw_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -44,7 +44,7 @@ def _shapes():
 
 def reference_rows(logits, targets, old_logprobs=None, advantages=1.0, *, clip_low=0.2,
                    clip_high=0.28, dual_clip=None, ignore_index=-100, temperature=1.0):
-    """Float64 per-token outputs of psft_forward (same names), plus the softmax ``p``."""
+    """Float64 per-token outputs of psft_fwd (FORWARD_NAMES), plus the softmax ``p``."""
     x = logits.detach().cpu().double() / temperature
     t = targets.cpu().long()
     valid = t != ignore_index
@@ -92,23 +92,33 @@ def reference_grad(ref, grad_loss, temperature=1.0):
 
 def forward(logits, targets, old=None, advantages=1.0, *, clip_low=0.2, clip_high=0.28,
             dual_clip=None, ignore_index=-100, temperature=1.0):
+    """psft_fwd's per-token stats (8, N): its rows are FORWARD_NAMES."""
     if isinstance(advantages, torch.Tensor):
         adv_tensor, adv_scalar = advantages.float().contiguous(), 1.0
     else:
         adv_tensor, adv_scalar = None, float(advantages)
-    return ops.psft_forward(logits, targets, old, adv_tensor, adv_scalar, float(clip_low),
-                            float(clip_high), 0.0 if dual_clip is None else float(dual_clip),
-                            ignore_index, float(temperature))
+    params = raw_params(adv_scalar, clip_low=clip_low, clip_high=clip_high,
+                        dual_clip=0.0 if dual_clip is None else dual_clip,
+                        temperature=temperature)
+    return ops.psft_fwd(logits, targets, old, adv_tensor, params, ignore_index, "none", None, 0.0,
+                        False, None)[2]
 
 
-def backward_into_poisoned_memory(grad_loss, logits, targets, lse, coef, ignore_index=-100,
+def backward(grad_loss, logits, targets, stats, ignore_index=-100, temperature=1.0):
+    """psft_bwd from ``forward``'s stats into a new gradient."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ops.psft_bwd(grad_loss, logits, targets, stats, raw_params(temperature=temperature),
+                 ignore_index, grad)
+    return grad
+
+
+def backward_into_poisoned_memory(grad_loss, logits, targets, stats, ignore_index=-100,
                                   temperature=1.0):
-    """psft_backward after a same-size block of NaNs went back to the caching allocator: the
+    """psft_bwd after a same-size block of NaNs went back to the caching allocator: the
     gradient most likely reuses that block, so any element the kernel fails to write stays NaN."""
     poison = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
     del poison
-    return ops.psft_backward(grad_loss, logits, targets, lse, coef, ignore_index,
-                             float(temperature))
+    return backward(grad_loss, logits, targets, stats, ignore_index, temperature)
 
 
 def grad_loss_for(n, seed=0, device="cuda"):
@@ -156,14 +166,14 @@ def run_and_check(logits, case, *, grad_seed=0):
     out = forward(logits, case.targets, case.old_logprobs, case.advantages, **kw)
     check_forward(out, ref)
 
-    logp, entropy = ops.token_logprobs(logits, case.targets, kw["ignore_index"],
-                                       float(kw["temperature"]))
+    logp, entropy = psft_ext.token_logprobs(logits, case.targets, ignore_index=kw["ignore_index"],
+                                            temperature=kw["temperature"], with_entropy=True)
     torch.testing.assert_close(logp.cpu().double(), ref["logp"], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(entropy.cpu().double(), ref["entropy"], rtol=2e-5, atol=2e-5)
 
     n = logits.shape[0]
     grad_loss = grad_loss_for(n, grad_seed)
-    grad = backward_into_poisoned_memory(grad_loss, logits, case.targets, out[6], out[7],
+    grad = backward_into_poisoned_memory(grad_loss, logits, case.targets, out,
                                          kw["ignore_index"], kw["temperature"])
     zero_rows = (~ref["valid"]) | (ref["coef"] == 0) | (grad_loss.cpu() == 0)
     check_grad(grad, reference_grad(ref, grad_loss, kw["temperature"]), logits.dtype, zero_rows)
@@ -275,8 +285,8 @@ def test_int32_targets_match_int64_exactly(dtype, n, vocab):
     out64 = forward(case.logits.detach(), t64, case.old_logprobs, case.advantages, **kw)
     for a, b in zip(out32, out64):
         assert torch.equal(a, b)
-    grad64 = ops.psft_backward(grad_loss_for(n), case.logits.detach(), t64, out64[6], out64[7],
-                               kw["ignore_index"], kw["temperature"])
+    grad64 = backward(grad_loss_for(n), case.logits.detach(), t64, out64, kw["ignore_index"],
+                      kw["temperature"])
     assert torch.equal(grad32, grad64)
 
 
@@ -308,8 +318,7 @@ def test_all_rows_ignored(dtype):
     out = forward(logits, targets, torch.randn(n, device="cuda"), 1.0)
     for name, t in zip(FORWARD_NAMES, out):
         assert torch.all(t == 0), name
-    grad = backward_into_poisoned_memory(torch.ones(n, device="cuda"), logits, targets, out[6],
-                                         out[7])
+    grad = backward_into_poisoned_memory(torch.ones(n, device="cuda"), logits, targets, out)
     assert torch.count_nonzero(grad) == 0 and bool(torch.isfinite(grad).all())
 
 
@@ -321,22 +330,20 @@ def test_out_of_range_target_raises_value_error(bad):
     with pytest.raises(ValueError, match=pattern):
         forward(logits, targets)
     with pytest.raises(ValueError, match=pattern):
-        ops.token_logprobs(logits, targets, -100, 1.0)
-    with pytest.raises(ValueError, match=pattern):
         psft_ext.psft_loss(logits, targets)
     with pytest.raises(ValueError, match=pattern):
         psft_ext.token_logprobs(logits, targets)
 
 
 def test_backward_with_bad_targets_never_reads_outside_a_row():
-    """psft_backward does not re-check the ids (the forward did); a bad one yields a NaN row,
+    """psft_bwd does not re-check the ids (the forward did); a bad one yields a NaN row,
     not an out-of-bounds read, and the other rows are unaffected."""
     n, vocab = 6, 1000
     logits = torch.randn(n, vocab, generator=generator(4)).cuda()
     good = torch.tensor([1, 2, 3, 4, 5, -100], device="cuda")
     bad = torch.tensor([1, vocab, -5, 4, 10**12, -100], device="cuda")
     out = forward(logits, good)
-    grad = ops.psft_backward(torch.ones(n, device="cuda"), logits, bad, out[6], out[7], -100, 1.0)
+    grad = backward(torch.ones(n, device="cuda"), logits, bad, out)
     torch.cuda.synchronize()
     bad_rows = torch.tensor([False, True, True, False, True, False])
     assert bool(torch.isnan(grad[bad_rows.cuda()]).all())
@@ -377,10 +384,9 @@ def test_zero_rows(vocab):
     targets = torch.empty(0, dtype=torch.long, device="cuda")
     out = forward(logits, targets)
     assert len(out) == 8 and all(t.shape == (0,) and t.device == logits.device for t in out)
-    grad = ops.psft_backward(torch.empty(0, device="cuda"), logits, targets, out[6], out[7],
-                             -100, 1.0)
+    grad = backward(torch.empty(0, device="cuda"), logits, targets, out)
     assert grad.shape == (0, vocab) and grad.dtype == torch.bfloat16 and grad.device == logits.device
-    logp, entropy = ops.token_logprobs(logits, targets, -100, 1.0)
+    logp, entropy = psft_ext.token_logprobs(logits, targets, with_entropy=True)
     assert logp.shape == (0,) and entropy.shape == (0,)
     if vocab > 0:
         x = logits.clone().requires_grad_(True)
@@ -464,8 +470,7 @@ def test_more_than_2_pow_31_elements_bf16():
     rows = torch.tensor([0, 1, 7067, 7068, 14134, 14135, n - 1])
     rows_cuda = rows.cuda()
     out = forward(logits, targets)
-    grad = ops.psft_backward(torch.ones(n, device="cuda"), logits, targets, out[6], out[7],
-                             -100, 1.0)
+    grad = backward(torch.ones(n, device="cuda"), logits, targets, out)
     sub_logits = logits[rows_cuda].cpu()
     sub_grad = grad[rows_cuda].cpu()
     sub_out = [t[rows_cuda] for t in out]

@@ -428,8 +428,8 @@ def test_larger_chunks_only_for_a_float32_accumulator(monkeypatch):
     seen = []
     monkeypatch.setattr(chunks, "auto_chunk_rows", lambda *a: seen.append(a[-1]) or 4)
     h, w = torch.randn(6, 4, dtype=torch.bfloat16), torch.randn(9, 4, dtype=torch.bfloat16)
-    for accumulate in (True, False):
-        chunks.chunk_rows(h, w, 0, torch.bfloat16, True, accumulate)
+    for in_float32 in (True, False):
+        chunks.chunk_rows(h, w, 0, torch.bfloat16, True, in_float32)
     chunks.chunk_rows(h, w, 0, torch.bfloat16, False, True)  # no grad_weight at all
     assert seen == [True, False, False]
 
@@ -672,8 +672,8 @@ def test_opcheck(device):
     no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in [(h, w, b, t, old, adv, den, params, -100, "mean", 0.0, True, 4, torch.float32,
                   True, False, False, False),
-                 (h, w, None, t, None, None, None, raw_params(-1.0, temperature=0.9), -100, "sum", 0.0,
-                  False, 0, torch.float32, True, False, False, False)]:
+                 (h, w, None, t, None, None, None, raw_params(-1.0, temperature=0.9), -100, "sum",
+                  0.0, False, 0, torch.float32, True, False, False, False)]:
         torch.library.opcheck(ops.linear_fwd, args, test_utils=no_aot)
     detached = (h.detach(), w.detach(), b.detach())
     stats = ops.linear_fwd(*detached, t, old, adv, None, params, -100, "none", 0.0, False, 4,

@@ -8,7 +8,7 @@ import torch
 
 import psft_ext
 
-from conftest import (DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case, op_params,
+from conftest import (DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case,
                       raw_params)
 
 ops = torch.ops.psft_ext

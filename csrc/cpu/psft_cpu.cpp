@@ -165,7 +165,9 @@ void advise_huge_pages(const at::Tensor& grad, const at::Tensor& logits) {
 }
 
 // Rows per task: enough elements that the scheduling cost is amortized.
-int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab)); }
+int64_t row_grain(int64_t vocab) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, vocab));
+}
 
 // Reads target ids of either index dtype as int64.
 struct Targets {
