@@ -78,14 +78,14 @@ if PACKED_PARAMS != PACKED_OPTIONS + ("advantage",):
                       f"psft_ext expects: the extension was built from other sources; rebuild it")
 
 
-def loss_params(fn, options, base=None):
-    """``LossParams`` from keyword ``options`` (over ``base``'s values when given). An option
-    that is not a field raises a TypeError naming the calling function ``fn``; a bad value, the
-    LossParams check's error."""
+def loss_params(fn, options):
+    """``LossParams`` from keyword ``options`` (the defaults' one shared object when there are
+    none). An option that is not a field raises a TypeError naming the calling function ``fn``; a
+    bad value, the LossParams check's error."""
     if not options:
-        return DEFAULT_PARAMS if base is None else base
+        return DEFAULT_PARAMS
     for name in options:
         if name not in OPTION_NAMES:
             raise TypeError(f"{fn}: unknown option {name!r} (the loss's options are "
                             f"{', '.join(OPTION_NAMES)})")
-    return dataclasses.replace(base, **options) if base is not None else LossParams(**options)
+    return LossParams(**options)
