@@ -35,7 +35,10 @@ def _extension():
     debug = os.environ.get("PSFT_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No errno, no FP traps: lets GCC turn the kernels' selects into SIMD blends (NaN still propagates).
-    cxx_flags = opt + ["-fno-math-errno", "-fno-trapping-math"]  # C++ standard: torch's choice
+    # No contraction of a * b + c into an FMA where the source does not ask for one: the kernels
+    # round z / tau on its own in the statistics and in the gradient alike (as the CUDA kernels
+    # do with __fmul_rn), so that they agree to the bit.
+    cxx_flags = opt + ["-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
     link_args = []

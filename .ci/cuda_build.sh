@@ -29,7 +29,7 @@ fi
 command -v nvcc >/dev/null || { echo "nvcc not found: the CUDA build needs the CUDA toolkit"; exit 1; }
 
 [ -x "$venv/bin/python" ] || "${PSFT_CUDA_PYTHON:-python3}" -m venv "$venv"
-"$venv/bin/pip" install -q torch==2.11.0 ninja numpy "pytest>=7"
+"$venv/bin/pip" install -q -c .ci/constraints.txt torch==2.11.0 ninja numpy "pytest>=7" hypothesis
 "$venv/bin/python" -c "import torch; assert torch.version.cuda, 'torch 2.11.0 is not a CUDA build'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 rm -rf "$tree"

@@ -119,8 +119,8 @@ bool single_pass(c10::string_view reduction, at::ScalarType compute_dtype) {
 }
 
 // A gradient written in the forward, scaled in place by the upstream scalar. The op does not
-// bump the version counter of what it mutates: bumped here, a second backward through the graph
-// (retain_graph=True) fails the saved-tensor check instead of scaling twice.
+// bump the version counter of what it mutates: bumped here, so that autograd knows of the change
+// (check_backward refuses a second backward through the graph before it gets here).
 Tensor scaled(Tensor grad, const Tensor& upstream) {
   // Rows of the gradient's last dimension (a 1-D gradient is one row).
   const Tensor rows = grad.dim() == 2 ? grad
@@ -131,6 +131,22 @@ Tensor scaled(Tensor grad, const Tensor& upstream) {
   call_scale_rows_(rows, upstream.to(at::kFloat).expand_symint({rows.sym_size(0)}));
   torch::autograd::impl::bump_version(grad);
   return grad;
+}
+
+// The backward's checks. The gradient is not itself differentiable (the kernels form it
+// directly): a double backward would otherwise silently get no second-order term. A single
+// pass's gradient is scaled in place and handed to autograd: a second backward through the same
+// graph (retain_graph=True) would scale it again.
+void check_backward(AutogradContext* ctx, bool single) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "psft_ext: the fused loss has no second derivative here: backward(create_graph=True) "
+              "through it is not supported");
+  if (!single) return;
+  TORCH_CHECK(ctx->saved_data.count("done") == 0,
+              "psft_ext: this loss's gradient, computed in its forward, was already handed to an "
+              "earlier backward; a second backward through the same graph (retain_graph=True) is "
+              "not supported: compute the loss again, or sum what you backpropagate into one call");
+  ctx->saved_data["done"] = true;
 }
 
 // The upstream gradient of each of the n tokens' losses: the per-token one for "none", else the
@@ -173,8 +189,10 @@ struct LossFunction : public torch::autograd::Function<LossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list result(10);
     if (!grads[0].defined()) return result;  // the loss did not reach what backward() was called on
+    const bool single = ctx->saved_data["single"].toBool();
+    check_backward(ctx, single);
     const variable_list saved = ctx->get_saved_variables();
-    if (ctx->saved_data["single"].toBool()) {
+    if (single) {
       result[0] = scaled(saved[0], grads[0]);
       return result;
     }
@@ -245,10 +263,12 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list result(15);
     if (!grads[0].defined()) return result;
+    const bool single = ctx->saved_data["single"].toBool();
+    check_backward(ctx, single);
     const variable_list saved = ctx->get_saved_variables();
     const c10::List<bool> needs = ctx->saved_data["needs"].toBoolList();
     Tensor gh, gw, gb;
-    if (ctx->saved_data["single"].toBool()) {
+    if (single) {
       if (needs[0]) gh = scaled(saved[0], grads[0]);
       if (needs[1]) gw = scaled(saved[1], grads[0]);
       if (needs[2]) gb = scaled(saved[2], grads[0]);

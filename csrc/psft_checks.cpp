@@ -5,6 +5,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "psft_kernels.h"
 
@@ -133,15 +134,16 @@ LossParams checked_params(c10::ArrayRef<double> packed, int64_t ignore_index, co
     TORCH_CHECK_VALUE(std::isfinite(packed[i]), op, ": ", kPackedParamNames[i],
                       " must be finite, got ", str_of(packed[i]));
   }
-  TORCH_CHECK_VALUE(packed[kClipLow] >= 0.0, op, ": clip_low must be finite and >= 0, got ",
-                    str_of(packed[kClipLow]));
+  TORCH_CHECK_VALUE(packed[kClipLow] >= 0.0 && packed[kClipLow] < 1.0, op,
+                    ": clip_low must be in [0, 1), got ", str_of(packed[kClipLow]));
   TORCH_CHECK_VALUE(packed[kClipHigh] >= 0.0, op, ": clip_high must be finite and >= 0, got ",
                     str_of(packed[kClipHigh]));
   TORCH_CHECK_VALUE(packed[kDualClip] == 0.0 || packed[kDualClip] > 1.0, op,
                     ": dual_clip must be a finite number > 1 (or 0 to disable), got ",
                     str_of(packed[kDualClip]));
-  TORCH_CHECK_VALUE(packed[kTemperature] > 0.0, op,
-                    ": temperature must be a finite positive number, got ",
+  TORCH_CHECK_VALUE(packed[kTemperature] > 0.0 &&
+                        1.0 / packed[kTemperature] <= std::numeric_limits<float>::max(),
+                    op, ": temperature must be a finite number with a finite float32 inverse, got ",
                     str_of(packed[kTemperature]));
   return unpack_params(packed.data(), ignore_index);
 }

@@ -83,9 +83,18 @@ PSFT_HD float clamp_keep_nan(float x, float lo, float hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// The target's log-prob from its scaled logit x_y and the row's lse. A row with a NaN or +inf
+// logit has no finite softmax (lse NaN or +inf): its log-prob is NaN, not the -inf that
+// x_y - lse gives a finite target, so that the loss, the metrics and the gradient of that row
+// are NaN, as autograd through the reference makes them (a non-finite input must not vanish
+// from the gradient; GradScaler and clip_grad_norm_(error_if_nonfinite=True) look for it there).
+PSFT_HD float target_logp(float x_y, float lse) { return lse < INFINITY ? x_y - lse : NAN; }
+
 // The PPO / PSFT clipped surrogate for one token, with verl's compute_policy_loss_vanilla
 // semantics: the clip branch is active when -A*clip(r) > -A*r (strictly), so a ratio exactly on
-// a bound counts as unclipped; the dual clip (A < 0 only) caps the loss at -A * dual_clip.
+// a bound counts as unclipped; the dual clip (A < 0 only) caps the loss at -A * dual_clip. A NaN
+// log-ratio (a NaN log-prob or old log-prob) makes the coefficient NaN: the row's gradient is
+// NaN, never a silent 0.
 PSFT_HD TokenLoss token_loss(float logp, float old_logp, float adv, const LossParams& p) {
   TokenLoss t;
   const float d = logp - old_logp;
@@ -105,7 +114,7 @@ PSFT_HD TokenLoss token_loss(float logp, float old_logp, float adv, const LossPa
   }
   t.loss = loss;
   t.clipped = (clip_active || dual_active) ? 1.0f : 0.0f;
-  t.coef = (!clip_active && !dual_active && inside_clamp) ? adv * t.ratio : 0.0f;
+  t.coef = d != d ? NAN : ((!clip_active && !dual_active && inside_clamp) ? adv * t.ratio : 0.0f);
   return t;
 }
 

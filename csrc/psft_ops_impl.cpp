@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -98,6 +99,8 @@ struct Denominator {
         value = 1.0;
       } else if (num_items.has_value()) {
         value = num_items->item<double>();
+        TORCH_CHECK_VALUE(value > 0.0 && std::isfinite(value),
+                          "psft_fwd: num_items must be a finite number > 0, got ", str_of(value));
       } else if (num_items_value > 0.0) {
         value = num_items_value;
       } else {
@@ -110,7 +113,10 @@ struct Denominator {
     if (!mean) {
       den = at::ones({}, f32);
     } else if (num_items.has_value()) {
+      // A non-positive or NaN num_items: NaN, not a sign-flipped or infinite step (reading the
+      // value to raise would cost a sync here).
       den = num_items->reshape({}).to(targets.device(), at::kFloat);
+      den = at::where(den > 0, den, at::full({}, NAN, den.options()));
     } else if (num_items_value > 0.0) {
       den = at::scalar_tensor(num_items_value, f32);
     } else {
@@ -189,6 +195,11 @@ std::tuple<Tensor, Tensor, Tensor> psft_fwd(const Tensor& logits_in, const Tenso
   if (num_items.has_value()) {
     TORCH_CHECK_VALUE(num_items->numel() == 1, op, ": num_items must hold one value, got shape ",
                       str_of(num_items->sizes()));
+    TORCH_CHECK_TYPE(num_items->scalar_type() != at::kBool && !num_items->is_complex(), op,
+                     ": num_items must be a real number, got ", str_of(num_items->scalar_type()));
+    TORCH_CHECK_VALUE(num_items->device() == logits_in.device() || num_items->is_cpu(), op,
+                      ": num_items is on ", str_of(num_items->device()), " but logits are on ",
+                      str_of(logits_in.device()));
   }
   TORCH_CHECK_VALUE(num_items_value >= 0.0 && std::isfinite(num_items_value), op,
                     ": num_items_value must be finite and >= 0 (0: the token count), got ",

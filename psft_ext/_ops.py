@@ -37,6 +37,11 @@ PACKED_PARAMS = tuple(_LAYOUT["packed_params"])
 @torch.library.register_fake("psft_ext::psft_fwd")
 def _psft_fwd_fake(logits, targets, old_logprobs, advantages, params, ignore_index, reduction,
                    num_items, num_items_value, with_metrics, grad):
+    # A meta num_items beside real logits dispatches here (Meta ranks above CPU): refuse it, as
+    # the real kernel does, rather than hand back uninitialized memory as the loss.
+    if num_items is not None and num_items.device not in (logits.device, torch.device("cpu")):
+        raise ValueError(f"psft_fwd: num_items is on {num_items.device} but logits are on "
+                         f"{logits.device}")
     n = logits.shape[0]
     loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
     metrics = logits.new_empty((len(METRIC_NAMES) if with_metrics else 0,), dtype=torch.float32)

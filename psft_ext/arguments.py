@@ -36,6 +36,17 @@ def check_targets(targets, leading_shape, where, fn):
         )
 
 
+def as_rows(x):
+    """``x`` (..., D) as the (N, D) rows the ops take, N the product of the leading dimensions
+    (explicit, so that D = 0 reshapes too)."""
+    if x.dim() == 2:
+        return x
+    n = 1
+    for size in x.shape[:-1]:
+        n *= size
+    return x.reshape(n, x.shape[-1])
+
+
 def flat_targets(targets, ignore_index):
     """The targets as the (N,) ids the ops take. int32 targets compared with an ignore_index
     outside the int32 range would wrap it (torch casts the scalar to the tensor's dtype), so such
@@ -89,16 +100,28 @@ def old_and_advantages(old_logprobs, advantages, targets, fn, where="logits"):
     return old, None, float(advantages)
 
 
-def num_items_arg(num_items, reduction, fn) -> Tuple[Optional[torch.Tensor], float]:
+def num_items_arg(num_items, reduction, device, fn) -> Tuple[Optional[torch.Tensor], float]:
     """The ops' (num_items, num_items_value): a tensor num_items as a detached 0-d constant (one
     element of any shape: (), (1,), (1, 1), as a count gathered across ranks may come back), a
-    number as the value (> 0), or (None, 0.0): the token count. Only "mean" reads it."""
+    number as the value, or (None, 0.0): the token count. Only "mean" reads it.
+
+    A tensor must be real (not bool), on the loss's ``device`` or the CPU, and, where reading it
+    costs no sync (on the CPU), finite and > 0 like a number; on a GPU a non-positive or NaN
+    value makes the loss and the gradient NaN instead (the op checks it there)."""
     if reduction != "mean" or num_items is None:
         return None, 0.0
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"{fn}: num_items must hold one value, got a tensor of shape "
                              f"{tuple(num_items.shape)}")
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"{fn}: num_items must be a real number, got a {num_items.dtype} "
+                            f"tensor")
+        if num_items.device != device and num_items.device.type != "cpu":
+            raise ValueError(f"{fn}: num_items is on {num_items.device} but the loss is on "
+                             f"{device} (a one-element tensor there or on the CPU)")
+        if num_items.device.type == "cpu":
+            check_finite(f"{fn}: num_items", num_items.item(), low=0.0)
         return num_items.detach().reshape(()), 0.0
     check_finite(f"{fn}: num_items", num_items, low=0.0)
     return None, float(num_items)

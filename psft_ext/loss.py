@@ -9,7 +9,8 @@ from typing import Optional, Union
 import torch
 
 from ._ops import TOKEN_STATS, ops
-from .arguments import check_logits_targets, flat_targets, num_items_arg, old_and_advantages
+from .arguments import (as_rows, check_logits_targets, flat_targets, num_items_arg,
+                        old_and_advantages)
 from .metrics import PSFTMetrics
 from .params import LossParams, loss_params
 
@@ -21,9 +22,9 @@ def logits_loss(logits, targets, old_logprobs, params: LossParams, advantages=1.
     check_logits_targets(logits, targets, fn)
     ignore_index, reduction = params.ignore_index, params.reduction
     old, adv, adv_scalar = old_and_advantages(old_logprobs, advantages, targets, fn)
-    num_items_t, num_items_value = num_items_arg(num_items, reduction, fn)
+    num_items_t, num_items_value = num_items_arg(num_items, reduction, logits.device, fn)
     loss, metrics, _ = ops.psft_fwd(
-        logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1]),
+        as_rows(logits),
         flat_targets(targets, ignore_index), old, adv, params.op_args(adv_scalar),
         ignore_index, reduction, num_items_t, num_items_value, bool(return_metrics), None)
     if reduction == "none":
@@ -92,7 +93,7 @@ def token_logprobs(
     fn = "token_logprobs"
     check_logits_targets(logits, targets, fn)
     params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature))
-    _, _, stats = ops.psft_fwd(logits.detach().reshape(-1, logits.shape[-1]),
+    _, _, stats = ops.psft_fwd(as_rows(logits.detach()),
                                flat_targets(targets, ignore_index), None, None,
                                params.op_args(), ignore_index, "none", None, 0.0, False,
                                None)

@@ -8,6 +8,7 @@ from typing import Optional
 from ._ops import PACKED_PARAMS
 
 REDUCTIONS = ("mean", "sum", "none")
+FLOAT32_MAX = 3.4028234663852886e38
 # The options the kernels read, in the order of the ops' packed `float[] params` (the call's
 # scalar advantage follows). A None (no dual clip) travels as 0.
 PACKED_OPTIONS = ("clip_low", "clip_high", "dual_clip", "temperature")
@@ -54,11 +55,21 @@ class LossParams:
             check_finite(f"LossParams: {name}", value)
             if value < 0:
                 raise ValueError(f"LossParams: {name} must be >= 0, got {value!r}")
+        if not self.clip_low < 1:
+            raise ValueError(f"LossParams: clip_low must be < 1 (the trust region's lower bound "
+                             f"1 - clip_low must stay above 0), got {self.clip_low!r}")
         if self.dual_clip is not None:
             check_finite("LossParams: dual_clip", self.dual_clip, low=1.0)
         check_finite("LossParams: temperature", self.temperature, low=0.0)
+        if not 1.0 / self.temperature <= FLOAT32_MAX:
+            raise ValueError(f"LossParams: temperature must be >= {1 / FLOAT32_MAX:.3g} (the "
+                             f"kernels multiply by 1 / temperature in float32), got "
+                             f"{self.temperature!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"LossParams: ignore_index must be an int, got {self.ignore_index!r}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            raise ValueError(f"LossParams: ignore_index must fit in int64 (target ids do), got "
+                             f"{self.ignore_index!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"LossParams: reduction must be one of {REDUCTIONS}, got "
                              f"{self.reduction!r}")

@@ -23,14 +23,22 @@ def _compute_dtype(logits):
 def token_logprobs(logits, targets, *, ignore_index=-100, temperature=1.0, with_entropy=False):
     x = logits.to(_compute_dtype(logits)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    valid = _valid(targets, ignore_index)
+    safe_targets = torch.where(valid, targets.long(), 0)
     logp = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not with_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # p log p is 0 where p is 0 (a -inf logit), not 0 * -inf.
+    p = logp_all.exp()
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
     return logp, torch.where(valid, entropy, torch.zeros_like(entropy))
+
+
+def _valid(targets, ignore_index):
+    """Targets that are not ignore_index, compared in int64 (an int32 tensor would wrap an
+    ignore_index outside int32's range: 2**32 would match id 0)."""
+    return targets.long() != ignore_index
 
 
 def psft_loss(
@@ -53,7 +61,7 @@ def psft_loss(
                                        temperature=temperature, with_entropy=True)
     else:
         logp = token_logprobs(logits, targets, ignore_index=ignore_index, temperature=temperature)
-    valid = targets != ignore_index
+    valid = _valid(targets, ignore_index)
     old = logp.detach() if old_logprobs is None else old_logprobs.detach().to(logp.dtype)
     adv = advantages.detach().to(logp.dtype) if isinstance(advantages, torch.Tensor) else advantages
     adv = torch.as_tensor(adv, dtype=logp.dtype, device=logp.device).expand(logp.shape)

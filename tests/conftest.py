@@ -33,6 +33,24 @@ def device(request):
     return request.param
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz", choices=("ci", "long"), default="ci",
+                     help="tests/test_fuzz.py: 'ci', a fast derandomized slice (default), or "
+                          "'long', a long randomized search")
+
+
+def pytest_configure(config):
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                         HealthCheck.filter_too_much])
+    settings.register_profile("ci", max_examples=2000, derandomize=True, print_blob=True, **common)
+    settings.register_profile("long", max_examples=50000, print_blob=True, **common)
+    settings.load_profile(config.getoption("--fuzz"))
+
+
 def dtype_id(dtype):
     return str(dtype).replace("torch.", "")
 

@@ -12,6 +12,7 @@ from conftest import raw_params
 
 ops = torch.ops.psft_ext
 NAN, INF = float("nan"), float("inf")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _inputs(n=6, vocab=11, device="cpu", dtype=torch.float32):
@@ -201,6 +202,36 @@ def test_bad_clip(name, value):
         psft_ext.psft_loss(logits, targets, **{name: value})
 
 
+@pytest.mark.parametrize("value", [1.0, 1.5])
+def test_clip_low_reaching_ratio_zero(value):
+    """clip_low >= 1 puts the trust region's lower bound at or below a ratio of 0."""
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match="clip_low must be < 1"):
+        psft_ext.psft_loss(logits, targets, clip_low=value)
+    with pytest.raises(ValueError, match="clip_low must be in"):
+        _fwd(logits, targets, clip_low=value)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
+def test_temperature_without_a_float32_inverse(fn):
+    """temperature=1e-40 passed and gave a NaN loss: 1 / temperature is not a float32."""
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match="temperature must be >="):
+        fn(logits, targets, temperature=1e-40)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        _fwd(logits, targets, temperature=1e-40)
+    fn(logits, targets, temperature=1e-30)  # fine
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS.values(), ids=FUNCTIONS.keys())
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64(fn, value):
+    """ignore_index=2**63 raised a RuntimeError about types from deep inside."""
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fn(logits, targets, ignore_index=value)
+
+
 @pytest.mark.parametrize("value", [NAN, INF, 1.0, 0.5, 0.0, -3.0])
 def test_bad_dual_clip(value):
     logits, targets = _inputs()
@@ -236,6 +267,61 @@ def test_bad_num_items(value):
     logits, targets = _inputs()
     with pytest.raises(ValueError, match="num_items"):
         psft_ext.psft_loss(logits, targets, num_items=value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -2, NAN, INF, -0.5])
+@pytest.mark.parametrize("fn", ["psft_loss", "linear_psft_loss"])
+def test_bad_num_items_tensor(fn, value):
+    """A tensor num_items is checked as a number is: a negative one flipped the step's sign, a
+    zero gave -inf, a NaN gave NaN, all without a word."""
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match="num_items must be"):
+        if fn == "psft_loss":
+            psft_ext.psft_loss(logits, targets, num_items=torch.tensor(value))
+        else:
+            psft_ext.linear_psft_loss(logits, torch.randn(11, 11), targets,
+                                      num_items=torch.tensor(value))
+
+
+def test_num_items_tensor_bool_or_complex():
+    logits, targets = _inputs()
+    for value in (torch.tensor(True), torch.tensor(3 + 0j)):
+        with pytest.raises(TypeError, match="num_items must be a real number"):
+            psft_ext.psft_loss(logits, targets, num_items=value)
+
+
+def test_num_items_tensor_on_another_device():
+    """A meta num_items returned uninitialized memory as the loss (gradients around 1e27)."""
+    logits, targets = _inputs()
+    with pytest.raises(ValueError, match="num_items is on meta"):
+        psft_ext.psft_loss(logits.requires_grad_(True), targets,
+                           num_items=torch.tensor(5.0, device="meta"))
+    with pytest.raises(ValueError, match="num_items is on meta"):
+        _ = torch.ops.psft_ext.psft_fwd(logits.detach(), targets, None, None, raw_params(), -100,
+                                        "mean", torch.tensor(5.0, device="meta"), 0.0, False,
+                                        None)
+
+
+def test_num_items_tensor_checked_by_the_op():
+    """The op's own checks, for callers below the Python API: on the CPU a bad value raises; a
+    bool tensor is refused."""
+    logits, targets = _inputs()
+    for value, error in ((torch.tensor(-3.0), ValueError), (torch.tensor(True), TypeError)):
+        with pytest.raises(error, match="num_items must be"):
+            torch.ops.psft_ext.psft_fwd(logits, targets, None, None, raw_params(), -100, "mean",
+                                        value, 0.0, False, None)
+
+
+@cuda_only
+def test_cuda_num_items_tensor_bad_value_is_nan():
+    """On a GPU a tensor num_items is not read back (a sync): a non-positive or NaN one makes the
+    loss and the gradient NaN, so GradScaler / clip_grad_norm_ see it."""
+    logits, targets = _inputs(device="cuda")
+    for value in (0.0, -2.0, NAN):
+        x = logits.clone().requires_grad_(True)
+        loss = psft_ext.psft_loss(x, targets, num_items=torch.tensor(value, device="cuda"))
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(x.grad).all()
 
 
 @pytest.mark.parametrize("shape", [(2,), (1, 2), (0,)])
@@ -345,9 +431,6 @@ def test_ops_backward_checks():
 # --------------------------------------------------------------------------------------------
 # devices
 # --------------------------------------------------------------------------------------------
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @cuda_only
 def test_cuda_logits_cpu_targets():

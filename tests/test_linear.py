@@ -370,6 +370,55 @@ def test_all_ignored_batch(device, monkeypatch):
     check_close(got, run_unfused(case), case, "unfused")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nan_hidden_state_reaches_every_gradient(device, dtype, reduction):
+    """A NaN in one token's hidden state makes that token's loss NaN; its gradient row of hidden
+    and the LM head's gradient (which every token's row feeds) hold NaN, never a finite value
+    that would let the step go ahead; the other tokens' hidden gradients stay finite."""
+    case = make_linear_case((6,), 13, 8, dtype, device, ignore_frac=0.0, seed=34)
+    h, w, b = _leaves(case)
+    with torch.no_grad():
+        h[2, 3] = float("nan")
+    loss = psft_ext.linear_psft_loss(h, w, case.targets, case.old_logprobs, bias=b,
+                                     chunk_size=4, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    assert torch.isnan(h.grad[2]).all()
+    assert torch.isfinite(h.grad[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(w.grad).any() and torch.isnan(b.grad).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_hidden_size_zero(reduction):
+    """H = 0 (logits all 0) failed in a reshape; it gives psft_loss(hidden @ weight.T)'s value
+    and gradients (hidden's is empty, weight's 0)."""
+    h = torch.randn(3, 0, requires_grad=True)
+    w = torch.randn(5, 0, requires_grad=True)
+    t = torch.tensor([1, -100, 4])
+    out = psft_ext.linear_psft_loss(h, w, t, reduction=reduction)
+    exp = psft_ext.psft_loss(h @ w.t(), t, reduction=reduction)
+    torch.testing.assert_close(out, exp)
+    out.sum().backward()
+    assert h.grad.shape == (3, 0) and torch.count_nonzero(w.grad) == 0
+    assert psft_ext.linear_token_logprobs(h, w, t).shape == (3,)
+
+
+def test_chunk_size_beyond_the_rows_allocates_by_the_rows():
+    """chunk_size larger than N (4e9 on 6 rows grew the peak by 7.6 GB; 2**62 failed to
+    allocate) takes one chunk of the N rows."""
+    case = make_linear_case((6,), 13, 8, torch.float32, "cpu", seed=35)
+    expected = run_fused(case, chunk_size=6)
+    for chunk_size in (4_000_000_000, 2**62):
+        got = run_fused(case, chunk_size=chunk_size)
+        torch.testing.assert_close(got["loss"], expected["loss"], rtol=0, atol=0)
+        for a, e in zip(got["grads"], expected["grads"]):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    logp = psft_ext.linear_token_logprobs(case.hidden, case.weight, case.targets,
+                                          chunk_size=2**62)
+    torch.testing.assert_close(logp, psft_ext.linear_token_logprobs(
+        case.hidden, case.weight, case.targets, chunk_size=6), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_tokens(device, reduction):
     hidden = torch.randn(0, 8, device=device, requires_grad=True)
@@ -616,8 +665,18 @@ def test_backward_twice_is_an_error(device):
     h, w, b = _leaves(case)
     loss = psft_ext.linear_psft_loss(h, w, case.targets, case.old_logprobs, bias=b)
     (2.0 * loss).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="a second backward through the same graph"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_an_error(device, reduction):
+    case_for_double = make_linear_case((3, 5), 17, 8, torch.float32, device, seed=27)
+    h, w, b = _leaves(case_for_double)
+    loss = psft_ext.linear_psft_loss(h, w, case_for_double.targets, case_for_double.old_logprobs,
+                                     bias=b, reduction=reduction)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss.sum(), (h, w), create_graph=True)
 
 
 def test_compile_token_logprobs(device):
@@ -784,6 +843,21 @@ def test_argument_errors():
         psft_ext.linear_token_logprobs(h, w, t, chunk_size=0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         psft_ext.linear_token_logprobs(h, w, t, ignore_index=1.5)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, None])
+def test_bad_target_reported_at_its_flat_position(chunk_size):
+    """The position in the message is the token's in the whole call (it was the position inside
+    its chunk, "position 1" for flat position 5), and no internal op is named."""
+    h, w = torch.randn(8, 4), torch.randn(11, 4)
+    t = torch.tensor([0, 1, 2, 3, 4, 11, 5, -100])
+    for fn in (psft_ext.linear_psft_loss, psft_ext.linear_token_logprobs):
+        with pytest.raises(ValueError, match=r"^fused linear loss: target id 11 at position 5 "):
+            fn(h, w, t, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=r"target id 11 at position 4 "):
+        psft_ext.linear_psft_loss(h.view(2, 4, 4), w, t.view(2, 4).roll(-1, 1),
+                                  chunk_size=chunk_size)
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -517,6 +517,56 @@ def test_nan_logits_give_a_nan_loss(device):
     assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(entropy[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")],
+                         ids=["nan", "inf", "minus_inf"])
+@pytest.mark.parametrize("where", ["target", "other"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_non_finite_logits_reach_the_gradient(device, dtype, reduction, where, value):
+    """A token whose loss is NaN has a NaN gradient row (GradScaler's inf check and
+    clip_grad_norm_(error_if_nonfinite=True) look for it there), and a finite loss a finite one.
+    A NaN or +inf logit makes its row's loss NaN; a -inf logit elsewhere than the target is a
+    masked entry (everything finite, as the reference); a -inf target logit has log-prob -inf:
+    against old log-probs the log-ratio clamp gives a finite loss and no gradient, as the
+    reference, and without them (ratio -inf - -inf) the loss is NaN, and so is the gradient
+    (the reference's is 0 there). Single-pass and two-pass paths (float16, "none") alike."""
+    for with_old in (True, False):
+        case = make_case((4,), 11, dtype, device, ignore_frac=0.0, with_old=with_old,
+                         advantages=1.0, seed=29)
+        x = case.logits.detach().clone()
+        target = int(case.targets[1])
+        col = target if where == "target" else (target + 1) % 11
+        x[1, col] = value
+        leaf = x.clone().requires_grad_(True)
+        loss = psft_ext.psft_loss(leaf, case.targets, case.old_logprobs, reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+        per_token = psft_ext.psft_loss(x, case.targets, case.old_logprobs, reduction="none")
+        assert torch.isfinite(per_token[[0, 2, 3]]).all()
+        assert torch.isfinite(leaf.grad[[0, 2, 3]]).all()
+        if torch.isnan(per_token[1]):
+            assert torch.isnan(leaf.grad[1]).all(), "a NaN loss must have a NaN gradient"
+        else:
+            assert torch.isfinite(leaf.grad[1]).all()
+        expect_nan = value != -float("inf") or (where == "target" and not with_old)
+        assert bool(torch.isnan(per_token[1])) == expect_nan
+        if not expect_nan:
+            ref_leaf = x.double().requires_grad_(True)
+            ref = reference.psft_loss(ref_leaf, case.targets, case.old_logprobs,
+                                      reduction=reduction)
+            (ref.sum() if reduction == "none" else ref).backward()
+            torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_nan_old_logprobs_reach_the_gradient(device):
+    """A NaN old log-prob (a broken rollout) makes its token's loss and gradient NaN."""
+    case = make_case((4,), 11, torch.float32, device, ignore_frac=0.0, advantages=1.0, seed=30)
+    old = case.old_logprobs.clone()
+    old[2] = float("nan")
+    leaf = case.fused_logits()
+    psft_ext.psft_loss(leaf, case.targets, old).backward()
+    assert torch.isnan(leaf.grad[2]).all() and torch.isfinite(leaf.grad[[0, 1, 3]]).all()
+
+
 def test_masked_vocabulary_entries(device):
     """-inf logits (a masked vocabulary) are fine: they get probability 0 and zero gradient."""
     case = make_case((4, 5), 23, torch.float32, device, dual_clip=3.0, seed=22)

@@ -78,8 +78,22 @@ def test_second_backward_is_an_error(device):
     x = case.fused_logits()
     loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, **case.kwargs)
     (2 * loss).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="a second backward through the same graph"):
         (2 * loss).backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_double_backward_is_an_error(device, dtype, reduction):
+    """The fused gradient is not differentiable: backward(create_graph=True) raises instead of
+    silently leaving out the second-order term (reduction "none" gave no gradient at all, only
+    a deprecation warning; "mean" a misleading in-place error)."""
+    case = make_case((2, 4), 11, dtype, device, seed=213)
+    x = case.fused_logits()
+    loss = psft_ext.psft_loss(x, case.targets, case.old_logprobs, reduction=reduction,
+                              **{k: v for k, v in case.kwargs.items() if k != "reduction"})
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss.sum(), x, create_graph=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -112,3 +112,22 @@ def test_same_logprobs_as_the_loss(device, dtype):
     else:
         torch.testing.assert_close(metrics.ratio_mean.item(), 1.0, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(x.grad, x_sft.grad)
+
+
+def test_reference_with_masked_vocabulary_and_wide_ignore_index():
+    """The reference itself: its entropy is finite with -inf logits (0 * -inf was NaN), and int32
+    targets compared with an ignore_index outside int32 do not wrap (2**32 matched id 0)."""
+    x = torch.randn(3, 7, dtype=torch.float64)
+    x[:, 2] = float("-inf")
+    t = torch.tensor([0, 1, 3], dtype=torch.int32)
+    logp, entropy = reference.token_logprobs(x, t, with_entropy=True)
+    assert torch.isfinite(entropy).all() and torch.isfinite(logp).all()
+    expected = torch.special.entr(torch.softmax(x, -1)).sum(-1)
+    torch.testing.assert_close(entropy, expected)
+    logp_wide = reference.token_logprobs(x, t, ignore_index=2**32)
+    assert (logp_wide != 0).all(), "id 0 was taken for ignored"
+    loss = reference.psft_loss(x, t, ignore_index=2**32, reduction="none")
+    assert (loss != 0).all()
+    fused = psft_ext.token_logprobs(x.float(), t, ignore_index=2**32, with_entropy=True)
+    torch.testing.assert_close(fused[0].double(), logp_wide, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1].double(), entropy, rtol=1e-5, atol=1e-6)

@@ -169,7 +169,9 @@ PSFT_AVX2_FN void row_grad(const T* row, int64_t vocab, float inv_t, float lse, 
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 8 <= vocab; j += 8) {
-    const __m256 x = _mm256_fmsub_ps(load8(row + j), vt, vlse);
+    // z * inv_t rounded on its own, as in the statistics, not fused into - lse: where lse is
+    // x_y exactly (a row whose softmax is all on the target) the target's gradient is exactly 0.
+    const __m256 x = _mm256_sub_ps(_mm256_mul_ps(load8(row + j), vt), vlse);
     store8(grad + j, _mm256_mul_ps(vscale, exp8(x)));
   }
   for (; j < vocab; ++j) {

@@ -201,7 +201,7 @@ void forward_row(const T* row, int64_t vocab, int64_t y, int64_t r, int64_t n,
                  const LossParams& params, const float* old_p, const float* adv_p, float* stats) {
   const SoftmaxStats st = row_softmax_stats(row, vocab, params.inv_temperature);
   const float lse_r = softmax_lse(st);
-  const float logp_r = to_float(row[y]) * params.inv_temperature - lse_r;
+  const float logp_r = target_logp(to_float(row[y]) * params.inv_temperature, lse_r);
   const TokenLoss t =
       token_loss(logp_r, old_p ? old_p[r] : logp_r, adv_p ? adv_p[r] : params.advantage, params);
   stats[kLoss * n + r] = t.loss;

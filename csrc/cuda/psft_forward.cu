@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     r.lse = softmax_lse(st);
     // x_y rounded on its own, not fused into x_y - lse: the same x as in the stats, so a row
     // whose only finite logit is the target gets logp == 0 exactly.
-    r.logp = __fmul_rn(z_target, params.inv_temperature) - r.lse;
+    r.logp = target_logp(__fmul_rn(z_target, params.inv_temperature), r.lse);
     r.entropy = softmax_entropy(st);
     const float old_logp = old_logprobs != nullptr ? old_logp_in : r.logp;
     const TokenLoss t = token_loss(r.logp, old_logp, advantage, params);

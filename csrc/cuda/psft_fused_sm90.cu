@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedCtasPerSm)
       if (tid == 0) {
         // The forward's epilogue.
         const float lse = softmax_lse(st);
-        const float logp = __fmul_rn(target_logit, inv_temperature) - lse;
+        const float logp = target_logp(__fmul_rn(target_logit, inv_temperature), lse);
         const float entropy = softmax_entropy(st);
         const float old = a.old_logprobs != nullptr ? old_logp : logp;
         const TokenLoss t = token_loss(logp, old, advantage, a.params);

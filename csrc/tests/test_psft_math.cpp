@@ -69,6 +69,19 @@ void test_token_loss_branches() {
   // NaN log-probs propagate instead of being clamped away.
   const psft::TokenLoss nan = psft::token_loss(NAN, -1.0f, 1.0f, p);
   expect(std::isnan(nan.loss) && std::isnan(nan.ratio), "NaN propagates", nan.loss, NAN);
+  expect(std::isnan(nan.coef), "a NaN log-ratio makes the coefficient NaN", nan.coef, NAN);
+  const psft::TokenLoss nan_old = psft::token_loss(-1.0f, NAN, 1.0f, p);
+  expect(std::isnan(nan_old.coef), "a NaN old log-prob too", nan_old.coef, NAN);
+  // A row whose lse is NaN or +inf (a NaN or +inf logit) has a NaN log-prob; -inf logits are
+  // fine as long as one is finite.
+  const float inf_lse = psft::target_logp(1.0f, INFINITY);
+  const float nan_lse = psft::target_logp(1.0f, NAN);
+  const float masked = psft::target_logp(-INFINITY, 2.0f);
+  const float plain = psft::target_logp(1.5f, 2.0f);
+  expect(std::isnan(inf_lse), "lse = +inf", inf_lse, NAN);
+  expect(std::isnan(nan_lse), "lse = NaN", nan_lse, NAN);
+  expect(masked == -INFINITY, "a masked target", masked, -INFINITY);
+  expect(plain == -0.5f, "x_y - lse", plain, -0.5);
 }
 
 // Softmax stats built element by element, merged in a tree, and rebased must all agree with a

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from ..arguments import (LOGITS_DTYPES, check_targets, flat_targets, num_items_arg,
+from ..arguments import (LOGITS_DTYPES, as_rows, check_targets, flat_targets, num_items_arg,
                          old_and_advantages)
 from ..loss import stats_of
 from ..metrics import PSFTMetrics
@@ -75,9 +75,9 @@ def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bi
     ignore_index, reduction = params.ignore_index, params.reduction
     old, adv, adv_scalar = old_and_advantages(old_logprobs, advantages, targets, fn,
                                               where="hidden")
-    num_items_t, num_items_value = num_items_arg(num_items, reduction, fn)
+    num_items_t, num_items_value = num_items_arg(num_items, reduction, hidden.device, fn)
     loss, metrics, *_ = ops.linear_fwd(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets(targets, ignore_index),
+        as_rows(hidden), weight, bias, flat_targets(targets, ignore_index),
         old, adv, num_items_t, params.op_args(adv_scalar), ignore_index, reduction,
         num_items_value, bool(return_metrics), chunk, compute_dtype, bool(accumulate_float32),
         False, False, False)
@@ -161,7 +161,7 @@ def linear_token_logprobs(
     params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature))
     chunk = check_chunk_size(chunk_size, fn)
     _, _, stats, *_ = ops.linear_fwd(
-        hidden.detach().reshape(-1, hidden.shape[-1]), weight.detach(),
+        as_rows(hidden.detach()), weight.detach(),
         None if bias is None else bias.detach(), flat_targets(targets, ignore_index), None, None,
         None, params.op_args(), ignore_index, "none", 0.0, False, chunk, compute_dtype,
         True, False, False, False)

@@ -64,9 +64,10 @@ def available_cuda_memory(device: torch.device) -> int:
 
 def chunk_rows(hidden, weight, chunk_size, compute_dtype=None, need_weight=False,
                accumulate_float32=True):
-    """``chunk_size`` if given (> 0), else :func:`auto_chunk_rows` for these operands."""
+    """``chunk_size`` if given (> 0; at most the number of rows, so a chunk size larger than the
+    call allocates nothing beyond it), else :func:`auto_chunk_rows` for these operands."""
     if chunk_size > 0:
-        return chunk_size
+        return max(1, min(chunk_size, hidden.shape[0]))
     # H / 2-row chunks hide under the float32 accumulator's own peak (auto_chunk_rows); without
     # one (accumulate_float32=False, chosen for memory) the chunk budget rules.
     low = (need_weight and accumulate_float32 and compute_dtype in (torch.bfloat16, torch.float16)

@@ -68,6 +68,7 @@ def linear_fwd(
         device = hidden.device
         stats = torch.zeros((len(TOKEN_STATS), n), dtype=torch.float32, device=device)
         valid = targets != ignore_index
+        _check_target_range(targets, valid, weight.shape[0], ignore_index)
         if reduction == "mean" and num_items is None and num_items_value <= 0:
             # Every chunk's loss and gradient divided by the count of the whole call.
             num_items = valid.sum().clamp(min=1).to(torch.float32)
@@ -101,6 +102,17 @@ def linear_fwd(
         metrics = (metric_sums.result() if metric_sums is not None
                    else torch.empty(0, dtype=torch.float32, device=device))
         return (loss, metrics, stats, *grads.results(hidden, weight, bias))
+
+
+def _check_target_range(targets, valid, vocab, ignore_index):
+    """Every target ignore_index or in [0, V), checked for the whole call (each chunk's own check
+    would report a position inside its chunk)."""
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fused linear loss: target id {int(targets[pos])} at position {pos} is "
+                         f"out of range for a vocabulary of {vocab} (valid ids are "
+                         f"0..{vocab - 1}, or ignore_index={ignore_index})")
 
 
 def _rows_of(t, start, end):
