@@ -145,6 +145,19 @@ LossParams checked_params(c10::ArrayRef<double> packed, int64_t ignore_index, co
                         1.0 / packed[kTemperature] <= std::numeric_limits<float>::max(),
                     op, ": temperature must be a finite number with a finite float32 inverse, got ",
                     str_of(packed[kTemperature]));
+  TORCH_CHECK_VALUE(packed[kKlCoef] >= 0.0, op, ": kl_coef must be >= 0, got ",
+                    str_of(packed[kKlCoef]));
+  const struct {
+    PackedParam index;
+    int count;
+  } codes[] = {{kReductionParam, kReductions}, {kImportanceSamplingParam, kImportanceSamplings}};
+  for (const auto& code : codes) {
+    const double v = packed[code.index];
+    TORCH_CHECK_VALUE(v == static_cast<double>(static_cast<int>(v)) && v >= 0.0 &&
+                          v < code.count,
+                      op, ": ", kPackedParamNames[code.index], " must be a code in [0, ",
+                      str_of(int64_t{code.count}), "), got ", str_of(v));
+  }
   return unpack_params(packed.data(), ignore_index);
 }
 

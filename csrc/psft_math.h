@@ -24,22 +24,37 @@ namespace psft {
 // verl clamps the log-ratio to [-20, 20] before exponentiating; outside it the gradient is zero.
 constexpr float kLogRatioClamp = 20.0f;
 
+// How a call reduces its per-token losses (psft_ext.LossParams.reduction). Weights other than
+// the mean's (verl's sequence modes of loss_agg_mode) come as per-token weights (TokenInput).
+enum Reduction : int { kReduceNone, kReduceSum, kReduceMean, kReductions };
+constexpr const char* kReductionNames[kReductions] = {"none", "sum", "mean"};
+// The ratio's level: per token (PPO, PSFT), or one per sequence (GSPO).
+enum ImportanceSampling : int { kTokenLevel, kSequenceLevel, kImportanceSamplings };
+constexpr const char* kImportanceSamplingNames[kImportanceSamplings] = {"token", "sequence"};
+
 // Hyper-parameters of one loss call, identical for every token: the C++ mirror of
 // psft_ext.LossParams, which validates them and packs them as a list of floats in PackedParam
-// order (the ops' `float[] params`); ignore_index travels as an int.
+// order (the ops' `float[] params`; the names above travel as their index); ignore_index travels
+// as an int.
 struct LossParams {
   float clip_low = 0.2f;
   float clip_high = 0.28f;
   float dual_clip = 0.0f;      // verl's clip_ratio_c (> 1); <= 0 disables the dual clip
   float advantage = 1.0f;      // used when no per-token advantage tensor is given
   float inv_temperature = 1.0f;
+  float entropy_coef = 0.0f;   // the loss is pg - entropy_coef * entropy per token
+  float kl_coef = 0.0f;        // plus kl_coef * k3(ref_logprobs, logp)
+  int reduction = kReduceMean;
+  int importance_sampling = kTokenLevel;
   int64_t ignore_index = -100;
 };
 
 // The packed list's layout. psft_ext checks at import that its packing names these, in order.
-enum PackedParam : int { kClipLow, kClipHigh, kDualClip, kTemperature, kAdvantage, kPackedParams };
-constexpr const char* kPackedParamNames[kPackedParams] = {"clip_low", "clip_high", "dual_clip",
-                                                          "temperature", "advantage"};
+enum PackedParam : int { kClipLow, kClipHigh, kDualClip, kTemperature, kEntropyCoef, kKlCoef,
+                         kReductionParam, kImportanceSamplingParam, kAdvantage, kPackedParams };
+constexpr const char* kPackedParamNames[kPackedParams] = {
+    "clip_low", "clip_high", "dual_clip",           "temperature", "entropy_coef",
+    "kl_coef",  "reduction", "importance_sampling", "advantage"};
 
 inline LossParams unpack_params(const double* packed, int64_t ignore_index) {
   LossParams p;
@@ -47,26 +62,51 @@ inline LossParams unpack_params(const double* packed, int64_t ignore_index) {
   p.clip_high = static_cast<float>(packed[kClipHigh]);
   p.dual_clip = static_cast<float>(packed[kDualClip]);
   p.inv_temperature = static_cast<float>(1.0 / packed[kTemperature]);
+  p.entropy_coef = static_cast<float>(packed[kEntropyCoef]);
+  p.kl_coef = static_cast<float>(packed[kKlCoef]);
+  p.reduction = static_cast<int>(packed[kReductionParam]);
+  p.importance_sampling = static_cast<int>(packed[kImportanceSamplingParam]);
   p.advantage = static_cast<float>(packed[kAdvantage]);
   p.ignore_index = ignore_index;
   return p;
 }
 
+// The optional per-token inputs of the loss (the ops' `Tensor?[] token_inputs`, in this order):
+// the old policy's log-probs, advantages, rollout importance-sampling weights (verl's rollout
+// correction; they scale the policy-gradient term), the reference policy's log-probs (for the KL
+// penalty), and, for callers that split a call into chunks of rows (the fused linear loss), each
+// token's reduction weight and its sequence's log-ratio, which a chunk cannot form from its own
+// rows.
+enum TokenInput : int { kOldLogprobs, kAdvantages, kRolloutIsWeights, kRefLogprobs,
+                        kTokenWeights, kSeqLogRatio, kTokenInputs };
+constexpr const char* kTokenInputNames[kTokenInputs] = {
+    "old_logprobs", "advantages", "rollout_is_weights", "ref_logprobs", "token_weights",
+    "seq_log_ratio"};
+
 // The forward's per-token float32 outputs: the rows of one (kTokenStats, N) tensor. Ignored tokens
-// hold 0 in every row. lse and coef are what the backward reads: the gradient of the loss the op
-// returns is coef * (softmax(x) - [j == y]) / tau per row, so for reduction "mean" coef already
-// carries the 1 / denominator (TokenLoss::coef divided by it).
+// hold 0 in every row. The gradient of the loss the op returns is, per row,
+//   (coef * (p_j - [j == y]) + ent_coef * p_j * (log p_j + entropy)) / tau
+// with p = softmax(x): coef and ent_coef carry the reduction's weight (the mean's 1 / denominator)
+// and the options' terms, so a backward from these stats needs only the upstream gradient.
+// correct is 1 where the target attains the row's maximum (token accuracy).
 enum TokenStat : int { kLoss, kLogp, kEntropy, kRatio, kLogRatio, kClipped, kLse, kCoef,
-                       kTokenStats };
-constexpr const char* kTokenStatNames[kTokenStats] = {"loss",      "logp",    "entropy", "ratio",
-                                                      "log_ratio", "clipped", "lse",     "coef"};
+                       kCorrect, kEntCoef, kTokenStats };
+constexpr const char* kTokenStatNames[kTokenStats] = {
+    "loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef", "correct",
+    "ent_coef"};
 
 // The metrics of one call (psft_ext.PSFTMetrics): token means over the non-ignored tokens of
-// -logp, entropy, clipped, -log_ratio and ratio, then the number of those tokens.
-enum Metric : int { kNll, kEntropyMean, kClipFraction, kApproxKl, kRatioMean, kNumTokens,
-                    kMetrics };
-constexpr const char* kMetricNames[kMetrics] = {"nll",       "entropy",    "clip_fraction",
-                                                "approx_kl", "ratio_mean", "num_tokens"};
+// -logp, entropy, clipped (any clip), -log_ratio and ratio; then the shares of tokens whose PPO
+// clip is active at the upper bound (A > 0, r > 1 + clip_high) and at the lower one (A < 0,
+// r < 1 - clip_low), whose dual clip is active, and whose target is the argmax; then the number
+// of those tokens. verl's pg_clipfrac is the sum of the two PPO-clip shares, its
+// pg_clipfrac_lower the dual-clip share.
+enum Metric : int { kNll, kEntropyMean, kClipFraction, kApproxKl, kRatioMean, kClipFractionHigh,
+                    kClipFractionLow, kDualClipFraction, kTokenAccuracy, kNumTokens, kMetrics };
+constexpr const char* kMetricNames[kMetrics] = {
+    "nll",                "entropy",           "clip_fraction",      "approx_kl",
+    "ratio_mean",         "clip_fraction_high", "clip_fraction_low", "dual_clip_fraction",
+    "token_accuracy",     "num_tokens"};
 
 // Everything the loss produces for one token, given its log-prob.
 struct TokenLoss {
@@ -118,6 +158,71 @@ PSFT_HD TokenLoss token_loss(float logp, float old_logp, float adv, const LossPa
   return t;
 }
 
+// GSPO (verl's compute_policy_loss_gspo): one ratio per sequence, s = exp(min(d, 10)) with d the
+// mean over the sequence's tokens of logp - old_logp, clipped per token like PPO's (no dual
+// clip). Each token's gradient flows through its own log-prob with the sequence's ratio:
+// coef = A * s on the unclipped branch (and while d <= 10), else 0. log_ratio is left to the
+// caller (the token's own one).
+PSFT_HD TokenLoss sequence_token_loss(float seq_log_ratio, float adv, const LossParams& p) {
+  constexpr float kSeqLogRatioMax = 10.0f;
+  TokenLoss t;
+  const float d = seq_log_ratio;
+  t.log_ratio = d;
+  t.ratio = expf(d > kSeqLogRatioMax ? kSeqLogRatioMax : d);
+  const float clipped_ratio = clamp_keep_nan(t.ratio, 1.0f - p.clip_low, 1.0f + p.clip_high);
+  const float unclipped_loss = -adv * t.ratio;
+  const float clipped_loss = -adv * clipped_ratio;
+  const bool clip_active = clipped_loss > unclipped_loss;
+  t.loss = clip_active ? clipped_loss : unclipped_loss;
+  t.clipped = clip_active ? 1.0f : 0.0f;
+  t.coef = d != d ? NAN : ((!clip_active && d <= kSeqLogRatioMax) ? adv * t.ratio : 0.0f);
+  return t;
+}
+
+// The options' terms of one token, added to its policy-gradient values t: the rollout
+// importance-sampling weight scales them (verl's rollout correction), kl_coef * k3(ref, logp) is
+// added (verl's low_var_kl: kl = clamp(ref - logp, -20, 20), k3 = clamp(e^kl - kl - 1, -10, 10),
+// whose gradient passes inside both clamps), and entropy_coef * entropy subtracted (the entropy
+// bonus). Returns the token's entropy coefficient (the gradient's p (log p + H) term).
+PSFT_HD float add_option_terms(TokenLoss& t, float logp, float entropy, float is_weight,
+                               bool has_ref, float ref_logp, const LossParams& p) {
+  t.loss *= is_weight;
+  t.coef *= is_weight;
+  if (has_ref && p.kl_coef != 0.0f) {
+    const float d = ref_logp - logp;
+    const float kl = clamp_keep_nan(d, -kLogRatioClamp, kLogRatioClamp);
+    const float r = expf(kl);
+    const float k3 = r - kl - 1.0f;
+    t.loss += p.kl_coef * clamp_keep_nan(k3, -10.0f, 10.0f);
+    const bool inside = d >= -kLogRatioClamp && d <= kLogRatioClamp && k3 <= 10.0f;
+    t.coef += d != d ? NAN : (inside ? p.kl_coef * (r - 1.0f) : 0.0f);
+  }
+  if (p.entropy_coef != 0.0f) t.loss -= p.entropy_coef * entropy;
+  return p.entropy_coef;
+}
+
+// A token's per-row inputs to the options (psft_ext's token inputs; defaults where absent).
+struct OptionInputs {
+  float adv = 1.0f;
+  float is_weight = 1.0f;
+  bool has_ref = false;
+  float ref_logp = 0.0f;
+  bool has_seq_log_ratio = false;  // GSPO: replace the token's ratio by its sequence's
+  float seq_log_ratio = 0.0f;
+};
+
+// The options' pass over one valid token whose policy-gradient values t come from token_loss:
+// GSPO's sequence-level ratio when given, then add_option_terms. Returns the entropy coefficient.
+PSFT_HD float apply_token_options(TokenLoss& t, float logp, float entropy, const OptionInputs& in,
+                                  const LossParams& p) {
+  if (in.has_seq_log_ratio) {
+    const float token_log_ratio = t.log_ratio;
+    t = sequence_token_loss(in.seq_log_ratio, in.adv, p);
+    t.log_ratio = token_log_ratio;
+  }
+  return add_option_terms(t, logp, entropy, in.is_weight, in.has_ref, in.ref_logp, p);
+}
+
 // Running softmax statistics of a set of scaled logits x, kept relative to their maximum m:
 //   s = sum exp(x - m),  w = sum exp(x - m) * (x - m).
 // Then lse = m + log(s) and entropy = log(s) - w / s (no cancellation for large logits).
@@ -164,6 +269,17 @@ PSFT_HD float softmax_entropy(SoftmaxStats st) { return logf(st.s) - st.w / st.s
 // x = z * inv_temperature.
 PSFT_HD float logit_grad(float x, float lse, float scale, bool is_target) {
   return scale * (expf(x - lse) - (is_target ? 1.0f : 0.0f));
+}
+
+// The same with the entropy's term: scale * (p_j - [j == y]) + ent_scale * p_j * (log p_j + H),
+// ent_scale = g_H-side coefficient / tau (dH/dz_j = -p_j (log p_j + H) / tau).
+PSFT_HD float logit_grad_entropy(float x, float lse, float scale, float ent_scale, float entropy,
+                                 bool is_target) {
+  const float log_p = x - lse;
+  const float prob = expf(log_p);
+  // p log p is 0 where p is 0 (a -inf logit), not 0 * -inf.
+  const float ent_term = prob > 0.0f ? ent_scale * prob * (log_p + entropy) : 0.0f;
+  return scale * (prob - (is_target ? 1.0f : 0.0f)) + ent_term;
 }
 
 // A target id is usable when it lies in [0, V); ignore_index rows are handled before this.

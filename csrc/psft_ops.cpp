@@ -48,52 +48,61 @@ std::string build_info() {
   info += ", \"compiler\": \"" __VERSION__ "\"";
   info += ", \"packed_params\": " + json_names(psft::kPackedParamNames, psft::kPackedParams);
   info += ", \"token_stats\": " + json_names(psft::kTokenStatNames, psft::kTokenStats);
-  info += ", \"metrics\": " + json_names(psft::kMetricNames, psft::kMetrics) + "}";
+  info += ", \"metrics\": " + json_names(psft::kMetricNames, psft::kMetrics);
+  info += ", \"token_inputs\": " + json_names(psft::kTokenInputNames, psft::kTokenInputs);
+  info += ", \"reductions\": " + json_names(psft::kReductionNames, psft::kReductions);
+  info += ", \"importance_sampling\": " +
+          json_names(psft::kImportanceSamplingNames, psft::kImportanceSamplings) + "}";
   return info;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(psft_ext, m) {
-  // The loss over N rows of logits. params: the packed hyper-parameters (psft_ext.LossParams).
-  // Returns (loss, metrics, stats):
-  //   loss: the per-token losses (N,) for reduction "none"; else their sum, divided for "mean"
-  //     by num_items (a one-element tensor), else num_items_value if > 0, else the number of
-  //     non-ignored targets (at least 1);
-  //   metrics: with_metrics ? float32 (6,) in psft_ext.PSFTMetrics' order : empty;
-  //   stats: float32 (8, N), the per-token outputs (psft_math.h, TokenStat), 0 for ignored rows.
+  // The loss over N rows of logits. token_inputs: the optional per-token tensors (psft_math.h,
+  // TokenInput: old log-probs, advantages, rollout weights, reference log-probs, token weights,
+  // sequence log-ratios); params: the packed options (psft_ext.LossParams.op_args); seq_len: the
+  // tokens per sequence, for the sequence options (0: none). Returns (loss, logp, entropy,
+  // metrics, stats):
+  //   loss: the per-token losses (N,) for reduction "none"; else their weighted sum, the weights
+  //     of the reduction (for "mean", over num_items, a one-element tensor, else num_items_value
+  //     if > 0, else this call's tokens or sequences);
+  //   logp, entropy: with_logprobs ? the per-token log-probs and entropies (N,) : empty;
+  //   metrics: with_metrics ? float32 in psft_ext.PSFTMetrics' order : empty;
+  //   stats: float32 (kTokenStats, N), the per-token outputs (psft_math.h, TokenStat).
   // With grad (dense (N, V), the logits' dtype; may be the logits themselves), the gradient of
-  // the returned loss (of the sum of the losses for "none") is written into it in the same pass.
+  // the returned loss (of the sum of the losses for "none") is written into it.
   m.def(
-      "psft_fwd(Tensor logits, Tensor targets, Tensor? old_logprobs, Tensor? advantages, "
-      "float[] params, int ignore_index, str reduction, Tensor? num_items, float num_items_value, "
-      "bool with_metrics, Tensor(a!)? grad) -> (Tensor, Tensor, Tensor)");
-  // The gradient of sum_t grad_loss[t] * loss[t] from the forward's stats, written into grad
-  // (dense (N, V), the logits' dtype; may be the logits themselves).
+      "psft_fwd(Tensor logits, Tensor targets, Tensor?[] token_inputs, float[] params, "
+      "int ignore_index, int seq_len, Tensor? num_items, float num_items_value, bool with_metrics, "
+      "bool with_logprobs, Tensor(a!)? grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad = (scale * (p - onehot) + ent_scale * p * (log p + entropy)) / tau per row, from the
+  // forward's stats (lse, entropy); ent_scale may be absent. grad: dense (N, V), the logits' dtype;
+  // may be the logits themselves.
   m.def(
-      "psft_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor stats, float[] params, "
-      "int ignore_index, Tensor(a!) grad) -> ()");
+      "psft_bwd(Tensor scale, Tensor? ent_scale, Tensor logits, Tensor targets, Tensor stats, "
+      "float[] params, int ignore_index, Tensor(a!) grad) -> ()");
   // grad[r, :] *= factor[r] in place, for the rows whose factor is not exactly 1 (the others are
   // not touched: scaling by the usual upstream gradient of 1 costs no pass over the gradient).
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
   // psft_fwd over the logits hidden @ weight.T + bias, formed chunk_size rows at a time (0: chosen
   // from the shapes and the free memory) in compute_dtype, never all at once. Returns psft_fwd's
-  // (loss, metrics, stats), then (grad_hidden, grad_weight, grad_bias): the gradients of the
-  // returned loss for the inputs whose need_* is set (outside autograd; autograd sets them
-  // itself), empty tensors for the others. accumulate_float32: grad_weight of a 2-byte weight is
-  // accumulated across chunks in float32 (else in its own dtype).
+  // outputs, then (grad_hidden, grad_weight, grad_bias): the gradients of the returned loss for
+  // the inputs whose need_* is set (outside autograd; autograd sets them itself), empty tensors
+  // for the others. accumulate_float32: grad_weight of a 2-byte weight is accumulated across
+  // chunks in float32 (else in its own dtype).
   m.def(
       "linear_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "Tensor? old_logprobs, Tensor? advantages, Tensor? num_items, float[] params, "
-      "int ignore_index, str reduction, float num_items_value, bool with_metrics, int chunk_size, "
+      "Tensor?[] token_inputs, float[] params, int ignore_index, int seq_len, Tensor? num_items, "
+      "float num_items_value, bool with_metrics, bool with_logprobs, int chunk_size, "
       "ScalarType compute_dtype, bool accumulate_float32, bool need_hidden, bool need_weight, "
-      "bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The gradients (hidden, weight, bias; empty where not needed) of sum_t grad_loss[t] * loss[t]
-  // from linear_fwd's stats, recomputing the chunks' logits.
+      "bool need_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients (hidden, weight, bias; empty where not needed) of psft_bwd's row coefficients
+  // over the logits hidden @ weight.T + bias, from linear_fwd's stats, recomputing the chunks.
   m.def(
-      "linear_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-      "Tensor stats, float[] params, int ignore_index, int chunk_size, ScalarType compute_dtype, "
-      "bool accumulate_float32, bool need_hidden, bool need_weight, bool need_bias) "
-      "-> (Tensor, Tensor, Tensor)");
+      "linear_bwd(Tensor scale, Tensor? ent_scale, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor targets, Tensor stats, float[] params, int ignore_index, int chunk_size, "
+      "ScalarType compute_dtype, bool accumulate_float32, bool need_hidden, bool need_weight, "
+      "bool need_bias) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }

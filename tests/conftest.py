@@ -16,7 +16,7 @@ import torch
 
 import psft_ext
 from psft_ext import reference
-from psft_ext._ops import PACKED_PARAMS
+from psft_ext._ops import PACKED_PARAMS, REDUCTIONS, TOKEN_INPUTS, TOKEN_STATS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -221,30 +221,52 @@ def make_case(
 
 def raw_params(advantage=1.0, **values):
     """The ops' packed ``params``: LossParams' defaults, then ``values`` by name, unchecked (so
-    that tests can pass bad ones too)."""
+    that tests can pass bad ones too). A reduction given by name is packed as its index in
+    ``REDUCTIONS``."""
     packed = list(psft_ext.LossParams().op_args(advantage))
     for name, value in values.items():
+        if name == "reduction" and isinstance(value, str):
+            value = float(REDUCTIONS.index(value))
         packed[PACKED_PARAMS.index(name)] = value
     return packed
 
 
-def op_params(case, advantage=1.0):
-    """The case's options packed as the ops take them, with the scalar advantage."""
+def op_params(case, advantage=1.0, reduction="mean"):
+    """The case's options and ``reduction`` packed as the ops take them, with the scalar
+    advantage."""
     kw = dict(case.kwargs)
     kw.pop("ignore_index")
-    return list(psft_ext.LossParams(**kw).op_args(advantage))
+    return list(psft_ext.LossParams(reduction=reduction, **kw).op_args(advantage))
+
+
+def token_inputs(old=None, adv=None):
+    """The ops' ``token_inputs`` with the old log-probs and the per-token advantages (each
+    optional), no other per-token tensor."""
+    inputs = [None] * len(TOKEN_INPUTS)
+    inputs[TOKEN_INPUTS.index("old_logprobs")] = old
+    inputs[TOKEN_INPUTS.index("advantages")] = adv
+    return inputs
 
 
 def fwd_args(case, logits=None, *, reduction="none", with_old=True, with_adv=True,
-             num_items=None, num_items_value=0.0, with_metrics=False, grad=None):
+             num_items=None, num_items_value=0.0, with_metrics=False, with_logprobs=False,
+             grad=None):
     """A case's arguments of ``psft_fwd`` with flat rows: logits (the case's, detached, unless
-    given), targets, old log-probs, per-token advantages, the packed parameters, ignore_index,
-    then the reduction's and the gradient's arguments."""
+    given), targets, token_inputs (the old log-probs and per-token advantages), the packed
+    parameters (``reduction`` among them), ignore_index, seq_len 0, then the reduction's, the
+    outputs' and the gradient's arguments. params is args[3], ignore_index args[4]."""
     x = case.logits.detach().reshape(-1, case.logits.shape[-1]) if logits is None else logits
     old = case.old_logprobs.reshape(-1) if with_old else None
     adv = case.advantages.reshape(-1).float() if with_adv else None
-    return (x, case.targets.reshape(-1), old, adv, op_params(case), case.ignore_index,
-            reduction, num_items, num_items_value, with_metrics, grad)
+    return (x, case.targets.reshape(-1), token_inputs(old, adv),
+            op_params(case, reduction=reduction), case.ignore_index, 0, num_items,
+            num_items_value, with_metrics, with_logprobs, grad)
+
+
+def bwd_scale(stats, upstream=1.0):
+    """psft_bwd's ``scale`` for an upstream gradient of each token's loss (a number or (N,)):
+    ``upstream * coef``, the stats' coef row already carrying the reduction's weight."""
+    return upstream * stats[TOKEN_STATS["coef"]]
 
 
 def _check_margins(logp64, old, valid, clip_low, clip_high, dual_clip):

@@ -13,7 +13,7 @@ import torch
 
 import psft_ext  # noqa: F401  (loads the ops)
 
-from conftest import dtype_id, generator, raw_params
+from conftest import bwd_scale, dtype_id, generator, raw_params, token_inputs
 
 ops = torch.ops.psft_ext
 
@@ -36,17 +36,19 @@ def _inputs(vocab, dtype, seed):
     return z.to(dtype), targets, old
 
 
-PARAMS = raw_params(temperature=0.8)  # clip_low, clip_high, dual_clip, temperature, advantage
+PARAMS = raw_params(temperature=0.8, reduction="none")
 
 
 def _forward(x, targets, old):
     """The per-token outputs (psft_fwd's stats rows)."""
-    return ops.psft_fwd(x, targets, old, None, PARAMS, -100, "none", None, 0.0, False, None)[2]
+    return ops.psft_fwd(x, targets, token_inputs(old), PARAMS, -100, 0, None, 0.0, False, False,
+                        None)[4]
 
 
 def _backward(x, targets, old, grad):
-    ops.psft_bwd(torch.full((x.shape[0],), 0.5), x, targets, _forward(x, targets, old), PARAMS,
-                 -100, grad)
+    """psft_bwd for an upstream gradient of 0.5 per token."""
+    stats = _forward(x, targets, old)
+    ops.psft_bwd(bwd_scale(stats, 0.5), None, x, targets, stats, PARAMS, -100, grad)
 
 
 def _grad(x, targets, old):
@@ -78,8 +80,8 @@ def test_in_place_gradient_matches(vocab):
         x, targets, old = _inputs(vocab, dtype, seed=100 + vocab)
         expected = _grad(x, targets, old)
         work = x.clone()
-        ops.psft_bwd(torch.full((4,), 0.5), work, targets, _forward(x, targets, old), PARAMS,
-                     -100, work)
+        stats = _forward(x, targets, old)
+        ops.psft_bwd(bwd_scale(stats, 0.5), None, work, targets, stats, PARAMS, -100, work)
         torch.testing.assert_close(work, expected, rtol=0, atol=0, equal_nan=True)
 
 

@@ -16,13 +16,15 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, assert_close_scaled, dtype_id, generator, make_case, raw_params
+from conftest import (DTYPES, assert_close_scaled, bwd_scale, dtype_id, generator, make_case,
+                      raw_params, token_inputs)
+from psft_ext._ops import TOKEN_STATS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 ops = torch.ops.psft_ext
 
-FORWARD_NAMES = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
+FORWARD_NAMES = tuple(TOKEN_STATS)
 
 VOCABS = [1, 3, 7, 8, 9, 127, 1000, 4099, 32000, 151936]
 ROW_COUNTS = [1, 5, 300, 4096]
@@ -44,7 +46,8 @@ def _shapes():
 
 def reference_rows(logits, targets, old_logprobs=None, advantages=1.0, *, clip_low=0.2,
                    clip_high=0.28, dual_clip=None, ignore_index=-100, temperature=1.0):
-    """Float64 per-token outputs of psft_fwd (FORWARD_NAMES), plus the softmax ``p``."""
+    """Float64 per-token outputs of psft_fwd (FORWARD_NAMES), plus the softmax ``p`` and its
+    log, without the options (ent_coef is 0)."""
     x = logits.detach().cpu().double() / temperature
     t = targets.cpu().long()
     valid = t != ignore_index
@@ -73,52 +76,67 @@ def reference_rows(logits, targets, old_logprobs=None, advantages=1.0, *, clip_l
         dual_active = (adv < 0) & (loss > cap)
         loss = torch.where(dual_active, cap, loss)
     coef = torch.where(~clip_active & ~dual_active & inside, adv * ratio, torch.zeros_like(ratio))
+    # The target attains the row's maximum of x = z * (1 / tau), as the kernels round it.
+    x32 = logits.detach().cpu().float() * torch.tensor(1.0 / temperature, dtype=torch.float32)
+    correct = x32.gather(1, safe[:, None]).squeeze(1) >= x32.max(-1).values
     out = dict(loss=loss, logp=logp, entropy=entropy, ratio=ratio, log_ratio=log_ratio,
-               clipped=(clip_active | dual_active).double(), lse=lse, coef=coef)
+               clipped=(clip_active | dual_active).double(), lse=lse, coef=coef,
+               correct=correct.double(), ent_coef=torch.zeros_like(coef))
+    assert tuple(out) == FORWARD_NAMES
     out = {k: torch.where(valid, v, torch.zeros_like(v)) for k, v in out.items()}
     out["p"] = p
+    out["logp_all"] = logp_all
     out["valid"] = valid
     out["safe_targets"] = safe
     return out
 
 
-def reference_grad(ref, grad_loss, temperature=1.0):
-    """d(sum_t grad_loss[t] * loss[t]) / d logits in float64 (coef is 0 on ignored rows)."""
+def reference_grad(ref, grad_loss, temperature=1.0, ent_scale=None):
+    """d(sum_t grad_loss[t] * loss[t]) / d logits in float64 (coef is 0 on ignored rows), plus
+    with ``ent_scale`` psft_bwd's entropy term ent_scale * p * (log p + H) / tau on the
+    non-ignored rows."""
     scale = grad_loss.detach().cpu().double() * ref["coef"] / temperature
     grad = ref["p"] * scale[:, None]
     grad.scatter_add_(1, ref["safe_targets"][:, None], -scale[:, None])
+    if ent_scale is not None:
+        ent = torch.where(ref["valid"], ent_scale.detach().cpu().double(), 0.0) / temperature
+        p, logp_all = ref["p"], ref["logp_all"]
+        term = torch.where(p > 0, p * (logp_all + ref["entropy"][:, None]), 0.0)
+        grad = grad + ent[:, None] * term
     return grad
 
 
 def forward(logits, targets, old=None, advantages=1.0, *, clip_low=0.2, clip_high=0.28,
             dual_clip=None, ignore_index=-100, temperature=1.0):
-    """psft_fwd's per-token stats (8, N): its rows are FORWARD_NAMES."""
+    """psft_fwd's per-token stats (len(FORWARD_NAMES), N) for reduction "none"."""
     if isinstance(advantages, torch.Tensor):
         adv_tensor, adv_scalar = advantages.float().contiguous(), 1.0
     else:
         adv_tensor, adv_scalar = None, float(advantages)
     params = raw_params(adv_scalar, clip_low=clip_low, clip_high=clip_high,
                         dual_clip=0.0 if dual_clip is None else dual_clip,
-                        temperature=temperature)
-    return ops.psft_fwd(logits, targets, old, adv_tensor, params, ignore_index, "none", None, 0.0,
-                        False, None)[2]
+                        temperature=temperature, reduction="none")
+    return ops.psft_fwd(logits, targets, token_inputs(old, adv_tensor), params, ignore_index, 0,
+                        None, 0.0, False, False, None)[4]
 
 
-def backward(grad_loss, logits, targets, stats, ignore_index=-100, temperature=1.0):
-    """psft_bwd from ``forward``'s stats into a new gradient."""
+def backward(grad_loss, logits, targets, stats, ignore_index=-100, temperature=1.0,
+             ent_scale=None):
+    """psft_bwd from ``forward``'s stats into a new gradient, for the upstream gradient
+    ``grad_loss`` of each token's loss (and the entropy term's ``ent_scale``, if given)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.psft_bwd(grad_loss, logits, targets, stats, raw_params(temperature=temperature),
-                 ignore_index, grad)
+    ops.psft_bwd(bwd_scale(stats, grad_loss), ent_scale, logits, targets, stats,
+                 raw_params(temperature=temperature), ignore_index, grad)
     return grad
 
 
 def backward_into_poisoned_memory(grad_loss, logits, targets, stats, ignore_index=-100,
-                                  temperature=1.0):
+                                  temperature=1.0, ent_scale=None):
     """psft_bwd after a same-size block of NaNs went back to the caching allocator: the
     gradient most likely reuses that block, so any element the kernel fails to write stays NaN."""
     poison = torch.full(logits.shape, float("nan"), dtype=logits.dtype, device=logits.device)
     del poison
-    return backward(grad_loss, logits, targets, stats, ignore_index, temperature)
+    return backward(grad_loss, logits, targets, stats, ignore_index, temperature, ent_scale)
 
 
 def grad_loss_for(n, seed=0, device="cuda"):
@@ -177,6 +195,16 @@ def run_and_check(logits, case, *, grad_seed=0):
                                          kw["ignore_index"], kw["temperature"])
     zero_rows = (~ref["valid"]) | (ref["coef"] == 0) | (grad_loss.cpu() == 0)
     check_grad(grad, reference_grad(ref, grad_loss, kw["temperature"]), logits.dtype, zero_rows)
+
+    # With the entropy's term (its own kernels): zero on ignored rows and rows where neither
+    # term has a coefficient (ent_scale in [-0.5, 0.5) or -1, 0 on every 3rd row).
+    ent_scale = grad_loss_for(n, grad_seed + 1) - 1.0
+    ent_scale[::3] = 0.0
+    grad_ent = backward_into_poisoned_memory(grad_loss, logits, case.targets, out,
+                                             kw["ignore_index"], kw["temperature"], ent_scale)
+    zero_rows_ent = zero_rows & ((ent_scale.cpu() == 0) | ~ref["valid"])
+    check_grad(grad_ent, reference_grad(ref, grad_loss, kw["temperature"], ent_scale),
+               logits.dtype, zero_rows_ent)
     return out, grad
 
 
@@ -207,7 +235,8 @@ def test_no_old_logprobs_is_sft(vocab):
                      advantages="scalar")
     out, _ = run_and_check(case.logits.detach(), case)
     valid = case.valid
-    assert torch.all(out[3][valid] == 1.0) and torch.all(out[7][valid] == 1.0)
+    ratio, coef = out[TOKEN_STATS["ratio"]], out[TOKEN_STATS["coef"]]
+    assert torch.all(ratio[valid] == 1.0) and torch.all(coef[valid] == 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +336,7 @@ def test_ignored_and_clipped_rows_get_exact_zeros(dtype, vocab):
     assert bool((~valid).any())
     no_grad_rows = (~valid | clipped).to(grad.device)
     assert torch.count_nonzero(grad[no_grad_rows]) == 0
-    assert torch.count_nonzero(out[7][no_grad_rows]) == 0
+    assert torch.count_nonzero(out[TOKEN_STATS["coef"]][no_grad_rows]) == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -374,7 +403,8 @@ def test_masked_vocabulary_entries(dtype, vocab):
     case = make_case(logits=logits.cpu(), targets=case.targets.cpu(), dtype=dtype,
                      device="cuda", seed=vocab + 3, dual_clip=3.0)
     out, grad = run_and_check(logits, case)
-    assert out[1][0].item() == 0.0 and out[2][0].item() == 0.0
+    assert out[TOKEN_STATS["logp"]][0].item() == 0.0
+    assert out[TOKEN_STATS["entropy"]][0].item() == 0.0
     assert torch.count_nonzero(grad[mask]) == 0
 
 
@@ -383,7 +413,8 @@ def test_zero_rows(vocab):
     logits = torch.empty(0, vocab, dtype=torch.bfloat16, device="cuda")
     targets = torch.empty(0, dtype=torch.long, device="cuda")
     out = forward(logits, targets)
-    assert len(out) == 8 and all(t.shape == (0,) and t.device == logits.device for t in out)
+    assert len(out) == len(TOKEN_STATS)
+    assert all(t.shape == (0,) and t.device == logits.device for t in out)
     grad = backward(torch.empty(0, device="cuda"), logits, targets, out)
     assert grad.shape == (0, vocab) and grad.dtype == torch.bfloat16 and grad.device == logits.device
     logp, entropy = psft_ext.token_logprobs(logits, targets, with_entropy=True)
@@ -413,7 +444,7 @@ def test_run_to_run_bitwise_identical(dtype, n, vocab):
     for other in runs[1:]:
         assert torch.equal(first[0], other[0])
         assert torch.equal(first[1], other[1])
-        for a, b in zip(first[2] + first[3], other[2] + other[3]):
+        for a, b in zip(first[2] + tuple(first[3]), other[2] + tuple(other[3])):
             assert torch.equal(a, b)
 
 

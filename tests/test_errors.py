@@ -8,7 +8,8 @@ import torch
 
 import psft_ext
 
-from conftest import raw_params
+from conftest import raw_params, token_inputs
+from psft_ext._ops import TOKEN_INPUTS, TOKEN_STATS
 
 ops = torch.ops.psft_ext
 NAN, INF = float("nan"), float("inf")
@@ -22,9 +23,11 @@ def _inputs(n=6, vocab=11, device="cpu", dtype=torch.float32):
 
 
 def _fwd(logits, targets, old=None, adv=None, advantage=1.0, ignore_index=-100, **options):
-    """psft_fwd, per-token, without a gradient, with the packed options unchecked: its stats."""
-    return ops.psft_fwd(logits, targets, old, adv, raw_params(advantage, **options), ignore_index,
-                        "none", None, 0.0, False, None)[2]
+    """psft_fwd, per-token (unless ``options`` give a reduction), without a gradient, with the
+    packed options unchecked: its stats."""
+    params = raw_params(advantage, **{"reduction": "none", **options})
+    return ops.psft_fwd(logits, targets, token_inputs(old, adv), params, ignore_index, 0, None,
+                        0.0, False, False, None)[4]
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,9 +300,9 @@ def test_num_items_tensor_on_another_device():
         psft_ext.psft_loss(logits.requires_grad_(True), targets,
                            num_items=torch.tensor(5.0, device="meta"))
     with pytest.raises(ValueError, match="num_items is on meta"):
-        _ = torch.ops.psft_ext.psft_fwd(logits.detach(), targets, None, None, raw_params(), -100,
-                                        "mean", torch.tensor(5.0, device="meta"), 0.0, False,
-                                        None)
+        _ = torch.ops.psft_ext.psft_fwd(logits.detach(), targets, token_inputs(), raw_params(),
+                                        -100, 0, torch.tensor(5.0, device="meta"), 0.0, False,
+                                        False, None)
 
 
 def test_num_items_tensor_checked_by_the_op():
@@ -308,8 +311,8 @@ def test_num_items_tensor_checked_by_the_op():
     logits, targets = _inputs()
     for value, error in ((torch.tensor(-3.0), ValueError), (torch.tensor(True), TypeError)):
         with pytest.raises(error, match="num_items must be"):
-            torch.ops.psft_ext.psft_fwd(logits, targets, None, None, raw_params(), -100, "mean",
-                                        value, 0.0, False, None)
+            torch.ops.psft_ext.psft_fwd(logits, targets, token_inputs(), raw_params(), -100, 0,
+                                        value, 0.0, False, False, None)
 
 
 @cuda_only
@@ -383,6 +386,20 @@ def test_ops_per_token_tensors():
         _fwd(logits, targets, adv=torch.zeros(6, 1))
     with pytest.raises(TypeError, match="advantages must be float32"):
         _fwd(logits, targets, adv=torch.zeros(6, dtype=torch.half))
+    params = raw_params(reduction="mean")
+    for k, name in enumerate(TOKEN_INPUTS):
+        for bad, error, message in (
+                (torch.zeros(5), ValueError, r"must have shape \(N,\) = \(6,\)"),
+                (torch.zeros(6, dtype=torch.float64), TypeError, "must be float32")):
+            inputs = token_inputs()
+            inputs[k] = bad
+            with pytest.raises(error, match=f"psft_fwd: {name} {message}"):
+                ops.psft_fwd(logits, targets, inputs, params, -100, 0, None, 0.0, False, False,
+                             None)
+    for count in (len(TOKEN_INPUTS) - 1, len(TOKEN_INPUTS) + 1):
+        with pytest.raises(ValueError, match=f"token_inputs must list {len(TOKEN_INPUTS)}"):
+            ops.psft_fwd(logits, targets, [None] * count, params, -100, 0, None, 0.0, False,
+                         False, None)
 
 
 @pytest.mark.parametrize(
@@ -393,7 +410,13 @@ def test_ops_per_token_tensors():
      (dict(dual_clip=NAN), "dual_clip"), (dict(dual_clip=INF), "dual_clip"),
      (dict(advantage=NAN), "advantage"), (dict(advantage=-INF), "advantage"),
      (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
-     (dict(temperature=NAN), "temperature"), (dict(temperature=INF), "temperature")])
+     (dict(temperature=NAN), "temperature"), (dict(temperature=INF), "temperature")]
+    + [({name: value}, name) for name, value in (
+        ("entropy_coef", NAN), ("entropy_coef", INF), ("kl_coef", -0.1), ("kl_coef", NAN),
+        # the packed codes of the names: an index into REDUCTIONS / IMPORTANCE_SAMPLING
+        ("reduction", -1.0), ("reduction", 3.0), ("reduction", 0.5), ("reduction", NAN),
+        ("importance_sampling", -1.0), ("importance_sampling", 2.0),
+        ("importance_sampling", 0.5))])
 def test_ops_scalar_checks(kwargs, name):
     logits, targets = _inputs()
     with pytest.raises(ValueError, match=name):
@@ -406,18 +429,23 @@ def test_ops_backward_checks():
     g = torch.ones(6)
     params = raw_params()
 
-    def bwd(g=g, logits=logits, targets=targets, stats=stats, params=params):
-        ops.psft_bwd(g, logits, targets, stats, params, -100, torch.empty(logits.shape))
+    def bwd(g=g, ent=None, logits=logits, targets=targets, stats=stats, params=params):
+        ops.psft_bwd(g, ent, logits, targets, stats, params, -100, torch.empty(logits.shape))
 
     bwd()  # fine
-    with pytest.raises(ValueError, match="grad_loss must have shape"):
+    bwd(ent=g)  # fine
+    with pytest.raises(ValueError, match=r"scale must have shape \(N,\) = \(6,\)"):
         bwd(g=g[:5])
-    with pytest.raises(TypeError, match="grad_loss must be float32"):
+    with pytest.raises(TypeError, match="scale must be float32"):
         bwd(g=g.double())
+    with pytest.raises(ValueError, match=r"ent_scale must have shape \(N,\) = \(6,\)"):
+        bwd(ent=g[:5])
+    with pytest.raises(TypeError, match="ent_scale must be float32"):
+        bwd(ent=g.double())
     with pytest.raises(ValueError, match="stats must have shape"):
         bwd(stats=stats[:, :3])
     with pytest.raises(ValueError, match="stats must have shape"):
-        bwd(stats=stats[:7])
+        bwd(stats=stats[:len(TOKEN_STATS) - 1])
     with pytest.raises(ValueError, match="logits must be 2-D"):
         bwd(logits=logits.view(-1))
     with pytest.raises(ValueError, match="targets must have shape"):

@@ -1,10 +1,13 @@
 """shift_labels, the PSFTLoss module, build_info and the public API."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import psft_ext
+from psft_ext import _ops
 
 from conftest import check_all, fused_and_reference, generator, make_case
 
@@ -118,7 +121,8 @@ def test_module_without_old_is_sft(device):
 def test_build_info():
     info = psft_ext.build_info()
     for key in ("cpu", "cpu_kernels", "cuda", "cuda_archs", "compiler", "torch", "torch_cuda",
-                "cuda_available", "gpus"):
+                "cuda_available", "gpus", "packed_params", "token_stats", "metrics",
+                "token_inputs", "reductions", "importance_sampling"):
         assert key in info, key
     assert info["cpu"] is True
     assert info["cpu_kernels"] in ("avx2", "baseline")
@@ -136,8 +140,26 @@ def test_public_api():
     for name in psft_ext.__all__:
         assert hasattr(psft_ext, name), name
     assert isinstance(psft_ext.__version__, str)
-    assert psft_ext.PSFTMetrics._fields == ("nll", "entropy", "clip_fraction", "approx_kl",
-                                            "ratio_mean", "num_tokens")
+    assert psft_ext.PSFTMetrics._fields == (
+        "nll", "entropy", "clip_fraction", "approx_kl", "ratio_mean", "clip_fraction_high",
+        "clip_fraction_low", "dual_clip_fraction", "token_accuracy", "num_tokens")
+    assert _ops.METRIC_NAMES == psft_ext.PSFTMetrics._fields
+    options = tuple(f.name for f in dataclasses.fields(psft_ext.LossParams) if f.init)
+    assert options == ("clip_low", "clip_high", "dual_clip", "ignore_index", "temperature",
+                       "reduction", "entropy_coef", "kl_coef", "loss_agg_mode",
+                       "importance_sampling")
+    # delta: an init-only alias of dual_clip (not a field, above), not stored apart.
+    assert psft_ext.LossParams(delta=3.0) == psft_ext.LossParams(dual_clip=3.0)
+    # The layouts the ops and the package share (csrc/psft_math.h).
+    assert _ops.PACKED_PARAMS == ("clip_low", "clip_high", "dual_clip", "temperature",
+                                  "entropy_coef", "kl_coef", "reduction", "importance_sampling",
+                                  "advantage")
+    assert tuple(_ops.TOKEN_STATS) == ("loss", "logp", "entropy", "ratio", "log_ratio",
+                                       "clipped", "lse", "coef", "correct", "ent_coef")
+    assert _ops.TOKEN_INPUTS == ("old_logprobs", "advantages", "rollout_is_weights",
+                                 "ref_logprobs", "token_weights", "seq_log_ratio")
+    assert _ops.REDUCTIONS == ("none", "sum", "mean")
+    assert _ops.IMPORTANCE_SAMPLING == ("token", "sequence")
     for name in ("psft_fwd", "psft_bwd", "scale_rows_", "linear_fwd", "linear_bwd",
                  "build_info"):
         assert hasattr(torch.ops.psft_ext, name), name

@@ -23,7 +23,7 @@ from psft_ext.linear import accumulate, chunks
 from psft_ext.linear import ops as linear_ops
 
 from conftest import (DTYPES, LOW_PRECISION, assert_close_scaled, dtype_id, generator, make_case,
-                      raw_params)
+                      raw_params, token_inputs)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -720,32 +720,37 @@ def test_backward_scales_the_saved_gradients(device, dtype):
 def test_opcheck(device):
     case = make_linear_case((13,), 11, 8, torch.float32, device, advantages="token", seed=23)
     h, w, b = _leaves(case)
-    t, old, adv = case.targets, case.old_logprobs, case.advantages
+    t = case.targets
+    inputs = token_inputs(case.old_logprobs, case.advantages)
     den = torch.tensor(7.0, device=device)
     ops = torch.ops.psft_ext
-    params = raw_params(dual_clip=3.0)
+    mean, none = (raw_params(dual_clip=3.0, reduction=r) for r in ("mean", "none"))
     # With inputs that require a gradient the single pass's backward scales in place gradients
     # saved in the forward; opcheck's AOT test returns every output of the op, which AOT
     # autograd's partitioner cannot split (test_loss_reduced.py's opcheck says more). Compiled
     # callers are covered by the torch.compile tests instead.
     no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
-    for args in [(h, w, b, t, old, adv, den, params, -100, "mean", 0.0, True, 4, torch.float32,
+    for args in [(h, w, b, t, inputs, mean, -100, 0, den, 0.0, True, False, 4, torch.float32,
                   True, False, False, False),
-                 (h, w, None, t, None, None, None, raw_params(-1.0, temperature=0.9), -100, "sum",
-                  0.0, False, 0, torch.float32, True, False, False, False)]:
+                 (h, w, None, t, token_inputs(),
+                  raw_params(-1.0, temperature=0.9, reduction="sum"), -100, 0, None, 0.0, True,
+                  False, 0, torch.float32, True, False, False, False)]:
         torch.library.opcheck(ops.linear_fwd, args, test_utils=no_aot)
     detached = (h.detach(), w.detach(), b.detach())
-    stats = ops.linear_fwd(*detached, t, old, adv, None, params, -100, "none", 0.0, False, 4,
-                           torch.float32, True, False, False, False)[2]
+    stats = ops.linear_fwd(*detached, t, inputs, none, -100, 0, None, 0.0, False, False, 4,
+                           torch.float32, True, False, False, False)[4]
+    scale = torch.randn(13, device=device)
     calls = [
-        (ops.linear_fwd, (*detached, t, old, adv, den, params, -100, "mean", 0.0, True, 4,
+        (ops.linear_fwd, (*detached, t, inputs, mean, -100, 0, den, 0.0, True, False, 4,
                           torch.float32, True, True, True, True)),
-        (ops.linear_fwd, (h, w, b, t, old, adv, None, params, -100, "none", 0.0, True, 4,
+        (ops.linear_fwd, (h, w, b, t, inputs, none, -100, 0, None, 0.0, True, True, 4,
                           torch.float32, True, False, False, False)),
-        (ops.linear_bwd, (torch.randn(13, device=device), *detached, t, stats, params, -100, 4,
-                          torch.float32, True, True, True, True)),
-        (ops.linear_fwd, (*detached, t, None, None, None, raw_params(), -100,
-                          "none", 0.0, False, 4, torch.float32, True, False, False, False)),
+        (ops.linear_bwd, (scale, None, *detached, t, stats, none, -100, 4, torch.float32, True,
+                          True, True, True)),
+        (ops.linear_bwd, (scale, torch.randn(13, device=device), *detached, t, stats, none,
+                          -100, 4, torch.float32, True, True, True, True)),
+        (ops.linear_fwd, (*detached, t, token_inputs(), raw_params(reduction="none"), -100, 0,
+                          None, 0.0, False, True, 4, torch.float32, True, False, False, False)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
@@ -758,13 +763,23 @@ def test_opcheck_column_major_hidden(device):
     h, w, b = _leaves(case)
     h_cm = h.detach().t().contiguous().t()
     assert h_cm.stride() == (1, 13)
-    args = (h_cm, w.detach(), b.detach(), case.targets, case.old_logprobs, None, None,
-            raw_params(), -100, "mean", 0.0, False, 4, torch.float32, True, True,
-            True, True)
+    args = (h_cm, w.detach(), b.detach(), case.targets, token_inputs(case.old_logprobs),
+            raw_params(), -100, 0, None, 0.0, True, False, 4, torch.float32, True, True, True,
+            True)
     torch.library.opcheck(torch.ops.psft_ext.linear_fwd, args,
                           test_utils=("test_schema", "test_faketensor"))
-    grad_hidden = torch.ops.psft_ext.linear_fwd(*args)[3]
+    grad_hidden = torch.ops.psft_ext.linear_fwd(*args)[5]
     assert grad_hidden.is_contiguous()
+
+
+def test_opcheck_without_metrics_or_logprobs(device):
+    case = make_linear_case((13,), 11, 8, torch.float32, device, seed=25)
+    h, w, b = (t.detach() for t in _leaves(case))
+    for reduction in ("mean", "none"):
+        args = (h, w, b, case.targets, token_inputs(case.old_logprobs),
+                raw_params(reduction=reduction), -100, 0, None, 0.0, False, False, 4,
+                torch.float32, True, False, False, False)
+        torch.library.opcheck(torch.ops.psft_ext.linear_fwd, args)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
@@ -775,7 +790,7 @@ def test_linear_token_logprobs(device, dtype, bias):
     h, w, b = _leaves(case)
     logp, entropy = psft_ext.linear_token_logprobs(h, w, case.targets, bias=b, chunk_size=5,
                                                    temperature=0.8, with_entropy=True)
-    assert not logp.requires_grad and logp.shape == case.targets.shape
+    assert logp.requires_grad and entropy.requires_grad and logp.shape == case.targets.shape
     exp_logp, exp_entropy = psft_ext.token_logprobs(F.linear(h, w, b), case.targets,
                                                     temperature=0.8, with_entropy=True)
     torch.testing.assert_close(logp, exp_logp, rtol=1e-4, atol=1e-4)
@@ -792,6 +807,35 @@ def test_linear_token_logprobs(device, dtype, bias):
     only = psft_ext.linear_token_logprobs(h, w, case.targets, bias=b, temperature=0.8,
                                           chunk_size=5)
     torch.testing.assert_close(only, logp, rtol=0, atol=0)
+    with torch.no_grad():
+        frozen = psft_ext.linear_token_logprobs(h, w, case.targets, bias=b, temperature=0.8,
+                                                chunk_size=5, with_entropy=True)
+    assert not any(t.requires_grad for t in frozen)
+    for got, want in zip(frozen, (logp, entropy)):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+    # Differentiable: the gradient of a weighted sum of both, against autograd through the
+    # float64 reference (given the dtype-rounded logits, as run_reference does).
+    g = generator(26)
+    w_logp, w_entropy = (torch.randn(case.targets.shape, generator=g, dtype=torch.float64)
+                         for _ in range(2))
+    (logp * w_logp.to(device, torch.float32)
+     + entropy * w_entropy.to(device, torch.float32)).sum().backward()
+    ref_leaves = tuple(None if t is None else t.detach().cpu().double().requires_grad_(True)
+                       for t in (h, w, b))
+    z = F.linear(*ref_leaves)
+    if dtype in LOW_PRECISION:
+        z = z + (case.logits.to(torch.float64) - z).detach()
+    ref_logp, ref_entropy = reference.token_logprobs(z, case.targets.cpu(), temperature=0.8,
+                                                     with_entropy=True)
+    (ref_logp * w_logp + ref_entropy * w_entropy).sum().backward()
+    rtol, atol = _tol(dtype)["grad"]
+    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), (h, w, b), ref_leaves):
+        if leaf is None:
+            continue
+        assert leaf.grad is not None and leaf.grad.dtype == dtype, name
+        assert_close_scaled(leaf.grad.cpu(), ref_leaf.grad, rtol=rtol, atol_scale=atol,
+                            floor=1e-7, msg=f"grad {name}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from conftest import (
     generator,
     make_case,
     raw_params,
+    token_inputs,
 )
+from psft_ext._ops import TOKEN_STATS
 
 ADVANTAGE_KINDS = ["scalar", "negative_scalar", "zero_d", "token", "row", "negative"]
 
@@ -464,11 +466,11 @@ def test_log_ratio_clamp(device, adv, dual_clip):
     assert torch.count_nonzero(fused["grad"][~far]) > 0
     ratio_ref = torch.exp(torch.clamp(logp - case.old_logprobs.double(), -20, 20))
     torch.testing.assert_close(ratio_ref[far], torch.exp(torch.sign(shift[far]) * 20.0))
-    _, _, stats = torch.ops.psft_ext.psft_fwd(
-        case.logits.detach(), case.targets, case.old_logprobs, None,
-        raw_params(adv, dual_clip=0.0 if dual_clip is None else dual_clip), -100, "none", None, 0.0,
-        False, None)
-    ratio, log_ratio = stats[3], stats[4]
+    stats = torch.ops.psft_ext.psft_fwd(
+        case.logits.detach(), case.targets, token_inputs(case.old_logprobs),
+        raw_params(adv, dual_clip=0.0 if dual_clip is None else dual_clip, reduction="none"),
+        -100, 0, None, 0.0, False, False, None)[4]
+    ratio, log_ratio = stats[TOKEN_STATS["ratio"]], stats[TOKEN_STATS["log_ratio"]]
     torch.testing.assert_close(ratio.double(), ratio_ref, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(log_ratio[far].double(), torch.sign(shift[far]) * 20.0)
 
@@ -497,10 +499,11 @@ def test_infinite_old_logprobs_are_clamped(device):
     fused, ref = fused_and_reference(case)
     check_all(fused, ref, torch.float32)
     assert torch.count_nonzero(fused["grad"]) == 0
-    _, _, stats = torch.ops.psft_ext.psft_fwd(case.logits.detach(), case.targets,
-                                              case.old_logprobs, None, raw_params(),
-                                              -100, "none", None, 0.0, False, None)
-    assert stats[4].tolist() == [-20.0, 20.0, -20.0, 20.0]  # log_ratio
+    stats = torch.ops.psft_ext.psft_fwd(case.logits.detach(), case.targets,
+                                        token_inputs(case.old_logprobs),
+                                        raw_params(reduction="none"), -100, 0, None, 0.0, False,
+                                        False, None)[4]
+    assert stats[TOKEN_STATS["log_ratio"]].tolist() == [-20.0, 20.0, -20.0, 20.0]
 
 
 def test_nan_logits_give_a_nan_loss(device):

@@ -9,7 +9,8 @@ import torch
 import psft_ext
 from psft_ext import reference
 
-from conftest import DTYPES, dtype_id, fwd_args, make_case, raw_params
+from conftest import DTYPES, bwd_scale, dtype_id, fwd_args, make_case, raw_params, token_inputs
+from psft_ext._ops import METRIC_NAMES, REDUCTIONS, TOKEN_STATS
 
 ops = torch.ops.psft_ext
 
@@ -139,15 +140,14 @@ def _reduced(case, num_items=None, num_items_value=0.0, with_grad=True, with_met
     args = fwd_args(case, logits, reduction=reduction, num_items=num_items,
                     num_items_value=num_items_value, with_metrics=with_metrics)
     grad = torch.empty_like(args[0]) if with_grad else None
-    loss, metrics, _ = ops.psft_fwd(*args[:-1], grad)
+    loss, _, _, metrics, _ = ops.psft_fwd(*args[:-1], grad)
     return loss, metrics, grad
 
 
 def _per_token(case):
     """psft_fwd's per-token outputs (reduction "none"), by name."""
-    _, _, stats = ops.psft_fwd(*fwd_args(case))
-    names = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
-    return dict(zip(names, stats)), stats
+    stats = ops.psft_fwd(*fwd_args(case))[4]
+    return dict(zip(TOKEN_STATS, stats)), stats
 
 
 @pytest.mark.parametrize("denominator", ["count", "value", "tensor", "tensor_1", "tensor_1x1",
@@ -173,16 +173,21 @@ def test_reduced_matches_the_per_token_ops(device, dtype, denominator):
     n = rows["loss"].shape[0]
     assert loss.shape == () and loss.dtype == torch.float32
     torch.testing.assert_close(loss, rows["loss"].sum() / den)
-    expected = torch.stack([-rows["logp"].sum(), rows["entropy"].sum(), rows["clipped"].sum(),
-                            -rows["log_ratio"].sum(), rows["ratio"].sum()]) / count
-    assert metrics.shape == (6,) and metrics.dtype == torch.float32
-    torch.testing.assert_close(metrics[:5], expected)
-    assert float(metrics[5]) == count
+    clipped, ratio, adv = rows["clipped"], rows["ratio"], case.advantages.reshape(-1)
+    assert bool((clipped * (adv > 0)).any()) and bool((clipped * (ratio < 1)).any())
+    expected = torch.stack([-rows["logp"].sum(), rows["entropy"].sum(), clipped.sum(),
+                            -rows["log_ratio"].sum(), ratio.sum(), (clipped * (adv > 0)).sum(),
+                            (clipped * (ratio < 1)).sum(),
+                            (clipped * ((adv < 0) & (ratio > 1))).sum(),
+                            rows["correct"].sum()]) / count
+    assert metrics.shape == (len(METRIC_NAMES),) and metrics.dtype == torch.float32
+    torch.testing.assert_close(metrics[:-1], expected)
+    assert float(metrics[METRIC_NAMES.index("num_tokens")]) == count
     g = torch.full((n,), 1.0 / den, dtype=torch.float32, device=device)
     x = case.logits.detach().reshape(n, -1)
     exp_grad = torch.empty_like(x)
-    ops.psft_bwd(g, x, case.targets.reshape(-1), stats, fwd_args(case)[4], case.ignore_index,
-                 exp_grad)
+    ops.psft_bwd(bwd_scale(stats, g), None, x, case.targets.reshape(-1), stats,
+                 fwd_args(case)[3], case.ignore_index, exp_grad)
     torch.testing.assert_close(grad, exp_grad, rtol=0, atol=0)
     loss2, metrics2, _ = _reduced(case, den_tensor, den_value, with_grad=False,
                                   with_metrics=False, reduction=reduction)
@@ -196,12 +201,13 @@ def test_reduced_count_compares_int32_targets_in_int64(device):
     count."""
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([0, 2, 3, 8], dtype=torch.int32, device=device)
-    params = raw_params()
-    loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, params, 2**32, "mean", None, 0.0,
-                                    True, None)
-    assert float(metrics[5]) == 4
-    per_token, _, _ = ops.psft_fwd(logits, targets.long(), None, None, params, -100, "none",
-                                   None, 0.0, False, None)
+    loss, _, _, metrics, _ = ops.psft_fwd(logits, targets, token_inputs(),
+                                          raw_params(reduction="mean"), 2**32, 0, None, 0.0,
+                                          True, False, None)
+    assert float(metrics[METRIC_NAMES.index("num_tokens")]) == 4
+    per_token = ops.psft_fwd(logits, targets.long(), token_inputs(),
+                             raw_params(reduction="none"), -100, 0, None, 0.0, False, False,
+                             None)[0]
     torch.testing.assert_close(loss, per_token.sum() / 4)
 
 
@@ -210,8 +216,10 @@ def test_reduced_empty_and_all_ignored(device):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
         grad = torch.empty(n, 7, device=device)
-        loss, metrics, _ = ops.psft_fwd(logits, targets, None, None, raw_params(),
-                                        -100, "mean", None, 0.0, True, grad)
+        loss, _, _, metrics, _ = ops.psft_fwd(logits, targets, token_inputs(),
+                                              raw_params(reduction="mean"), -100, 0, None, 0.0,
+                                              True, False, grad)
+        assert metrics.shape == (len(METRIC_NAMES),)
         assert float(loss) == 0.0 and grad.shape == (n, 7)
         assert torch.count_nonzero(metrics) == 0 and torch.count_nonzero(grad) == 0
 
@@ -241,17 +249,18 @@ def test_reduced_opcheck(device):
 def test_reduced_argument_errors(device):
     logits = torch.randn(4, 9, device=device, requires_grad=True)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    rest = (None, None, raw_params(), -100, "mean")
 
-    def fwd(t=targets, num_items=None, value=0.0, reduction="mean"):
-        return ops.psft_fwd(logits, t, *rest[:4], reduction, num_items, value, False, None)
+    def fwd(t=targets, num_items=None, value=0.0, reduction="mean", grad=None):
+        return ops.psft_fwd(logits, t, token_inputs(), raw_params(reduction=reduction), -100, 0,
+                            num_items, value, False, False, grad)
 
     with pytest.raises(ValueError, match="num_items must hold one value"):
         fwd(num_items=torch.ones(2, device=device))
     with pytest.raises(ValueError, match="num_items_value must be finite and >= 0"):
         fwd(value=-1.0)
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        fwd(reduction="avg")
+    for code in (-1, len(REDUCTIONS), 1.5, float("nan")):
+        with pytest.raises(ValueError, match="reduction must be"):
+            fwd(reduction=code)
     with pytest.raises(TypeError, match="targets must be int64 or int32"):
         fwd(t=targets.float())
     with pytest.raises(ValueError, match=r"targets must have shape \(N,\)"):
@@ -259,7 +268,7 @@ def test_reduced_argument_errors(device):
     with pytest.raises(ValueError, match="out of range"):
         fwd(t=torch.tensor([1, 9, 0, 0], device=device))
     with pytest.raises(ValueError, match="`grad` is for logits that need no autograd"):
-        ops.psft_fwd(logits, targets, *rest, None, 0.0, False, torch.empty(4, 9, device=device))
+        fwd(grad=torch.empty(4, 9, device=device))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

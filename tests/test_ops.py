@@ -6,7 +6,9 @@ import torch
 
 import psft_ext
 
-from conftest import DTYPES, dtype_id, fwd_args, generator, make_case, op_params, raw_params
+from conftest import (DTYPES, bwd_scale, dtype_id, fwd_args, generator, make_case, raw_params,
+                      token_inputs)
+from psft_ext._ops import PACKED_PARAMS, TOKEN_STATS
 
 ops = torch.ops.psft_ext
 
@@ -16,17 +18,19 @@ def _fwd_args(case, with_old, with_adv, requires_grad=True, dual_clip=0.0, **kwa
     advantage of -0.7 where no per-token one is given."""
     x = case.logits.detach().reshape(-1, case.logits.shape[-1]).clone()
     x.requires_grad_(requires_grad)
-    params = op_params(case, advantage=1.0 if with_adv else -0.7)
-    params[2] = dual_clip
     args = fwd_args(case, x, with_old=with_old, with_adv=with_adv, **kwargs)
-    return args[:4] + (params,) + args[5:]
+    params = list(args[3])
+    params[PACKED_PARAMS.index("advantage")] = 1.0 if with_adv else -0.7
+    params[PACKED_PARAMS.index("dual_clip")] = dual_clip
+    return args[:3] + (params,) + args[4:]
 
 
+@pytest.mark.parametrize("with_logprobs", [False, True], ids=["loss", "logprobs"])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("with_old,with_adv", [(False, False), (True, False), (True, True)],
                          ids=["plain", "old", "old_adv"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_opcheck_psft_fwd(device, dtype, with_old, with_adv, reduction):
+def test_opcheck_psft_fwd(device, dtype, with_old, with_adv, reduction, with_logprobs):
     """With logits that require a gradient: the schema, the fake kernel, the autograd
     registration and (for reduction "none", whose backward reads the logits) the AOT dispatch.
     The single pass's AOT limits: test_loss_reduced.py's opcheck."""
@@ -34,7 +38,7 @@ def test_opcheck_psft_fwd(device, dtype, with_old, with_adv, reduction):
                      advantages="token", seed=40)
     assert bool((~case.valid).any())
     args = _fwd_args(case, with_old, with_adv, dual_clip=3.0 if with_adv else 0.0,
-                     reduction=reduction, with_metrics=True)
+                     reduction=reduction, with_metrics=True, with_logprobs=with_logprobs)
     utils = None if reduction == "none" else ("test_schema", "test_autograd_registration",
                                               "test_faketensor")
     torch.library.opcheck(ops.psft_fwd, args, **({} if utils is None else dict(test_utils=utils)))
@@ -51,39 +55,45 @@ def test_opcheck_psft_fwd_without_grad_and_int32(device):
 def test_opcheck_psft_bwd(device, dtype):
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, advantages="token", seed=42)
     args = _fwd_args(case, True, True, requires_grad=False)
-    _, _, stats = ops.psft_fwd(*args)
+    stats = ops.psft_fwd(*args)[4]
     grad_loss = torch.rand(12, generator=generator(1)).to(device)
-    torch.library.opcheck(ops.psft_bwd, (grad_loss, args[0], args[1], stats, args[4],
-                                         case.ignore_index, torch.empty_like(args[0])))
+    for ent_scale in (None, torch.rand(12, generator=generator(2)).to(device)):
+        torch.library.opcheck(ops.psft_bwd, (bwd_scale(stats, grad_loss), ent_scale, args[0],
+                                             args[1], stats, args[3], case.ignore_index,
+                                             torch.empty_like(args[0])))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_opcheck_token_logprobs(device, dtype):
-    """token_logprobs is psft_fwd without old log-probs, advantages or a gradient."""
+    """token_logprobs is psft_fwd without per-token inputs, with the log-probs and entropies, for
+    reduction "none": differentiable when the logits require a gradient."""
     case = make_case((3, 4), 13, dtype, device, ignore_frac=0.3, with_old=False, seed=43)
     x = case.logits.detach().reshape(-1, 13)
-    torch.library.opcheck(ops.psft_fwd, (x, case.targets.reshape(-1), None, None,
-                                         raw_params(temperature=1.5), -100, "none", None, 0.0,
-                                         False, None))
+    args = (x, case.targets.reshape(-1), token_inputs(),
+            raw_params(temperature=1.5, reduction="none"), -100, 0, None, 0.0, False, True, None)
+    torch.library.opcheck(ops.psft_fwd, args)
+    torch.library.opcheck(ops.psft_fwd, (x.clone().requires_grad_(True),) + args[1:])
 
 
 def test_op_outputs_for_ignored_rows(device):
-    """Ignored rows: 0 in every output, and zero gradient rows from psft_bwd."""
+    """Ignored rows: 0 in every output, and zero gradient rows from psft_bwd whatever the row
+    scales."""
     case = make_case((3, 4), 13, torch.float32, device, ignore_frac=0.4, seed=44)
-    args = _fwd_args(case, True, True, requires_grad=False)
-    loss, _, stats = ops.psft_fwd(*args)
+    args = _fwd_args(case, True, True, requires_grad=False, with_logprobs=True)
+    loss, logp, entropy, _, stats = ops.psft_fwd(*args)
     ignored = ~case.valid.reshape(-1)
     assert bool(ignored.any())
-    assert stats.shape == (8, 12) and stats.dtype == torch.float32
-    for i, t in enumerate([loss] + list(stats)):
+    assert stats.shape == (len(TOKEN_STATS), 12) and stats.dtype == torch.float32
+    for i, t in enumerate([loss, logp, entropy] + list(stats)):
         assert t.shape == (12,) and t.dtype == torch.float32
         assert torch.count_nonzero(t[ignored]) == 0, i
     grad = torch.empty_like(args[0])
-    ops.psft_bwd(torch.ones(12, device=device), args[0], args[1], stats, args[4],
-                 case.ignore_index, grad)
+    ones = torch.ones(12, device=device)
+    ops.psft_bwd(ones, ones, args[0], args[1], stats, args[3], case.ignore_index, grad)
     assert torch.count_nonzero(grad[ignored]) == 0
+    assert bool((grad[~ignored] != 0).any(dim=1).all())
     # clipped is 0/1 and coef is 0 wherever the clip is active
-    clipped, coef = stats[5], stats[7]
+    clipped, coef = stats[TOKEN_STATS["clipped"]], stats[TOKEN_STATS["coef"]]
     assert set(clipped.unique().tolist()) <= {0.0, 1.0}
     assert torch.count_nonzero(coef[clipped == 1.0]) == 0
 
@@ -93,12 +103,11 @@ def test_backward_of_rows_without_elements(device):
     need not): nothing to write on every device, no kernel launched."""
     logits = torch.randn(3, 0, device=device)
     grad = torch.empty(3, 0, device=device)
-    ops.psft_bwd(torch.ones(3, device=device), logits,
-                 torch.zeros(3, dtype=torch.long, device=device),
-                 torch.zeros(8, 3, device=device), raw_params(), -100, grad)
-    ops.psft_bwd(torch.ones(3, device=device), logits,
-                 torch.zeros(3, dtype=torch.long, device=device),
-                 torch.zeros(8, 3, device=device), raw_params(), -100, logits)
+    targets = torch.zeros(3, dtype=torch.long, device=device)
+    stats = torch.zeros(len(TOKEN_STATS), 3, device=device)
+    ones = torch.ones(3, device=device)
+    ops.psft_bwd(ones, None, logits, targets, stats, raw_params(), -100, grad)
+    ops.psft_bwd(ones, ones, logits, targets, stats, raw_params(), -100, logits)
     assert grad.shape == (3, 0) and grad.device == logits.device
 
 

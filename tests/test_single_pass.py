@@ -8,11 +8,12 @@ import torch
 
 import psft_ext
 
-from conftest import (DTYPES, LOW_PRECISION, dtype_id, fwd_args, generator, make_case,
-                      raw_params)
+from conftest import (DTYPES, LOW_PRECISION, bwd_scale, dtype_id, fwd_args, generator, make_case,
+                      raw_params, token_inputs)
+from psft_ext._ops import METRIC_NAMES, TOKEN_STATS
 
 ops = torch.ops.psft_ext
-STATS = ("loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef")
+STATS = tuple(TOKEN_STATS)
 
 
 def _close(device, dtype):
@@ -28,7 +29,7 @@ def _single_pass(case, logits=None, reduction="mean", num_items_value=2.5, grad=
     args = fwd_args(case, logits, reduction=reduction, num_items_value=num_items_value)
     x = args[0]
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad is None else grad
-    loss, metrics, stats = ops.psft_fwd(*args[:-1], grad)
+    loss, _, _, metrics, stats = ops.psft_fwd(*args[:-1], grad)
     return loss, metrics, stats, grad
 
 
@@ -37,10 +38,10 @@ def _two_pass(case, logits=None, reduction="mean", num_items_value=2.5, upstream
     token unless given): (loss, metrics, stats, grad)."""
     args = fwd_args(case, logits, reduction=reduction, num_items_value=num_items_value)
     x, targets = args[0], args[1]
-    loss, metrics, stats = ops.psft_fwd(*args)
+    loss, _, _, metrics, stats = ops.psft_fwd(*args)
     g = torch.ones(targets.shape, device=x.device) if upstream is None else upstream
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ops.psft_bwd(g, x, targets, stats, args[4], args[5], grad)
+    ops.psft_bwd(bwd_scale(stats, g), None, x, targets, stats, args[3], args[4], grad)
     return loss, metrics, stats, grad
 
 
@@ -80,9 +81,10 @@ def test_in_place_variants(device, dtype):
     args = fwd_args(case)
     g = (0.25 + torch.rand(15, generator=generator(5))).to(device)
     exp_grad = torch.empty_like(args[0])
-    ops.psft_bwd(g, args[0], args[1], stats, args[4], args[5], exp_grad)
+    ops.psft_bwd(bwd_scale(stats, g), None, args[0], args[1], stats, args[3], args[4], exp_grad)
     logits = args[0].clone()
-    assert ops.psft_bwd(g, logits, args[1], stats, args[4], args[5], logits) is None
+    assert ops.psft_bwd(bwd_scale(stats, g), None, logits, args[1], stats, args[3], args[4],
+                        logits) is None
     torch.testing.assert_close(logits, exp_grad, rtol=0, atol=0)
 
 
@@ -132,9 +134,10 @@ def test_empty_and_all_ignored(device):
         logits = torch.randn(n, 7, device=device)
         targets = torch.full((n,), -100, dtype=torch.long, device=device)
         grad = torch.full((n, 7), 5.0, device=device)
-        loss, metrics, stats = ops.psft_fwd(logits, targets, None, None, raw_params(),
-                                            -100, "mean", None, 0.0, True, grad)
-        assert stats.shape == (8, n) and grad.shape == (n, 7)
+        loss, _, _, metrics, stats = ops.psft_fwd(logits, targets, token_inputs(), raw_params(),
+                                                  -100, 0, None, 0.0, True, False, grad)
+        assert stats.shape == (len(TOKEN_STATS), n) and grad.shape == (n, 7)
+        assert metrics.shape == (len(METRIC_NAMES),)
         assert all(int(torch.count_nonzero(o)) == 0 for o in (loss, metrics, stats, grad))
 
 
@@ -143,27 +146,31 @@ def test_opcheck(device):
     args = fwd_args(case, reduction="mean", with_metrics=True)
     x = args[0]
     torch.library.opcheck(ops.psft_fwd, args[:-1] + (torch.empty_like(x),))
-    _, _, stats = ops.psft_fwd(*args)
+    stats = ops.psft_fwd(*args)[4]
     g = (0.25 + torch.rand(12, generator=generator(5))).to(device)
-    torch.library.opcheck(ops.psft_bwd, (g, x, args[1], stats, args[4], -100, x.clone()))
+    torch.library.opcheck(ops.psft_bwd, (bwd_scale(stats, g), None, x, args[1], stats, args[3],
+                                         -100, x.clone()))
     torch.library.opcheck(ops.scale_rows_, (x.clone(), g))
 
 
 def test_argument_errors(device):
     logits = torch.randn(4, 9, device=device)
     targets = torch.tensor([1, 2, -100, 8], device=device)
-    params = raw_params()
+    params = raw_params(reduction="sum")
 
     def fwd(t=targets, grad=None):
-        return ops.psft_fwd(logits, t, None, None, params, -100, "sum", None, 0.0, False, grad)
+        return ops.psft_fwd(logits, t, token_inputs(), params, -100, 0, None, 0.0, False, False,
+                            grad)
 
-    _, _, stats = fwd()
-    with pytest.raises(ValueError, match="grad_loss must have shape"):
-        ops.psft_bwd(torch.ones(3, device=device), logits, targets, stats, params, -100,
-                     torch.empty_like(logits))
-    with pytest.raises(TypeError, match="grad_loss must be float32"):
-        ops.psft_bwd(torch.ones(4, dtype=torch.float64, device=device), logits, targets, stats,
-                     params, -100, torch.empty_like(logits))
+    stats = fwd()[4]
+    ones = torch.ones(4, device=device)
+    for name, scales in (("scale", (torch.ones(3, device=device), None)),
+                         ("ent_scale", (ones, torch.ones(3, device=device)))):
+        with pytest.raises(ValueError, match=f"psft_bwd: {name} must have shape"):
+            ops.psft_bwd(*scales, logits, targets, stats, params, -100, torch.empty_like(logits))
+    for name, scales in (("scale", (ones.double(), None)), ("ent_scale", (ones, ones.double()))):
+        with pytest.raises(TypeError, match=f"psft_bwd: {name} must be float32"):
+            ops.psft_bwd(*scales, logits, targets, stats, params, -100, torch.empty_like(logits))
     with pytest.raises(ValueError, match="grad must be contiguous"):
         fwd(grad=logits.t().contiguous().t())
     with pytest.raises(ValueError, match="grad must have the logits' shape"):
@@ -190,17 +197,17 @@ def _raw_single_and_two(logits, targets, old, adv, params, num_items_value, grad
     """psft_fwd with a gradient (into ``grad``, or a new buffer) and without, then psft_bwd from
     the second's stats: ((stats, grad), (stats, grad)), reduction "mean" over num_items_value.
     With ``grad`` the logits themselves, only the first pair (the logits are overwritten)."""
-    args = (logits, targets, old, adv, params, -100, "mean", None, num_items_value, False)
+    args = (logits, targets, token_inputs(old, adv), params, -100, 0, None, num_items_value,
+            False, False)
     in_place = grad is logits
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if grad is None \
         else grad
-    _, _, stats = ops.psft_fwd(*args, grad)
+    stats = ops.psft_fwd(*args, grad)[4]
     if in_place:
         return (stats, grad), None
-    _, _, ref = ops.psft_fwd(*args, None)
+    ref = ops.psft_fwd(*args, None)[4]
     exp_grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.psft_bwd(torch.ones(targets.shape, device=logits.device), logits, targets, ref, params,
-                 -100, exp_grad)
+    ops.psft_bwd(bwd_scale(ref), None, logits, targets, ref, params, -100, exp_grad)
     return (stats, grad), (ref, exp_grad)
 
 

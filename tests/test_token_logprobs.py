@@ -10,21 +10,32 @@ from conftest import DTYPES, assert_close_scaled, dtype_id, generator, make_case
 
 
 def _check_against_reference(case, temperature, with_entropy):
-    x = case.logits
+    """The values, and the logits' gradient of a random weighting of them, against the float64
+    reference (autograd through it)."""
+    x = case.fused_logits()
     kw = dict(ignore_index=case.ignore_index, temperature=temperature)
     got = psft_ext.token_logprobs(x, case.targets, with_entropy=with_entropy, **kw)
-    exp = reference.token_logprobs(x.detach().double(), case.targets, with_entropy=with_entropy,
-                                   **kw)
+    x64 = case.reference_logits()
+    exp = reference.token_logprobs(x64, case.targets, with_entropy=with_entropy, **kw)
     got = got if with_entropy else (got,)
     exp = exp if with_entropy else (exp,)
     assert len(got) == len(exp)
     for name, a, e in zip(("logprobs", "entropy"), got, exp):
         assert a.dtype == torch.float32 and a.shape == case.targets.shape, name
-        assert not a.requires_grad, name
-        assert_close_scaled(a, e, rtol=1e-5, atol_scale=1e-5, floor=1e-6, msg=name)
+        assert a.requires_grad, name
+        assert_close_scaled(a, e.detach(), rtol=1e-5, atol_scale=1e-5, floor=1e-6, msg=name)
         # ignored -> exactly 0
         assert torch.count_nonzero(a[~case.valid]) == 0, name
-    return got
+    g = generator(36)
+    weights = [torch.randn(case.targets.shape, generator=g, dtype=torch.float64).to(x.device)
+               for _ in got]
+    sum(a * w.float() for a, w in zip(got, weights)).sum().backward()
+    sum(e * w for e, w in zip(exp, weights)).sum().backward()
+    assert x.grad.dtype == x.dtype and torch.isfinite(x.grad).all()
+    assert torch.count_nonzero(x.grad[~case.valid]) == 0
+    tol = 1e-5 if x.dtype == torch.float32 else 1e-2  # the gradient is rounded to the dtype
+    assert_close_scaled(x.grad, x64.grad, rtol=tol, atol_scale=tol, floor=1e-9, msg="grad")
+    return tuple(a.detach() for a in got)
 
 
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp_entropy"])
@@ -64,12 +75,38 @@ def test_all_ignored_and_empty(device):
         assert logp.shape == shape and entropy.shape == shape
 
 
-def test_no_grad_even_if_logits_require_grad(device):
-    case = make_case((3, 4), 9, torch.float32, device, with_old=False)
-    assert case.logits.requires_grad
-    logp, entropy = psft_ext.token_logprobs(case.logits, case.targets, with_entropy=True)
-    assert not logp.requires_grad and not entropy.requires_grad
-    assert logp.grad_fn is None and entropy.grad_fn is None
+@pytest.mark.parametrize("outputs", ["logp", "entropy", "both"])
+def test_differentiable_unless_no_grad(device, outputs):
+    """With logits that require a gradient (in grad mode) the log-probs and the entropies are
+    differentiable: the gradient of either or both is autograd's through the float64 reference.
+    Under no_grad (the old policy) nothing is recorded, and the values are the same."""
+    case = make_case((3, 4), 9, torch.float32, device, with_old=False, seed=37)
+    assert case.logits.requires_grad and bool((~case.valid).any())
+    x, x64 = case.fused_logits(), case.reference_logits()
+    logp, entropy = psft_ext.token_logprobs(x, case.targets, with_entropy=True, temperature=0.7)
+    assert logp.requires_grad and entropy.requires_grad
+    ref_logp, ref_entropy = reference.token_logprobs(x64, case.targets, with_entropy=True,
+                                                     temperature=0.7)
+    g = generator(38)
+    w_logp, w_entropy = (torch.randn(case.targets.shape, generator=g).to(device)
+                         for _ in range(2))
+    use_logp, use_entropy = outputs in ("logp", "both"), outputs in ("entropy", "both")
+    fused = (logp * w_logp if use_logp else 0) + (entropy * w_entropy if use_entropy else 0)
+    ref = ((ref_logp * w_logp.double() if use_logp else 0)
+           + (ref_entropy * w_entropy.double() if use_entropy else 0))
+    fused.sum().backward()
+    ref.sum().backward()
+    assert torch.count_nonzero(x.grad[~case.valid]) == 0
+    assert_close_scaled(x.grad, x64.grad, rtol=1e-5, atol_scale=1e-5, floor=1e-9, msg="grad")
+
+    with torch.no_grad():
+        frozen = psft_ext.token_logprobs(case.logits, case.targets, with_entropy=True,
+                                         temperature=0.7)
+    for got, want in zip(frozen, (logp, entropy)):
+        assert not got.requires_grad and got.grad_fn is None
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    detached = psft_ext.token_logprobs(case.logits.detach(), case.targets, temperature=0.7)
+    assert not detached.requires_grad and detached.grad_fn is None
 
 
 @pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])

@@ -109,6 +109,26 @@ PSFT_ALWAYS_INLINE void row_grad_impl(const T* row, int64_t vocab, float inv_t, 
   }
 }
 
+// The same with the entropy's term (only where a gradient flows into the entropy: the entropy
+// bonus, a differentiable entropy): grad[j] += ent_scale * p_j * (log p_j + entropy). Portable
+// loops only: these paths are not the default.
+template <typename T>
+void row_grad_entropy(const T* row, int64_t vocab, float inv_t, float lse, float scale,
+                      float ent_scale, float entropy, int64_t target, T* grad) {
+  alignas(64) float x[kBlock];
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, vocab - start);
+    for (int64_t j = 0; j < n; ++j) {
+      const float log_p = to_float(row[start + j]) * inv_t - lse;
+      const float prob = exp_fast(log_p);
+      // p log p is 0 where p is 0 (a -inf logit), not 0 * -inf.
+      x[j] = scale * prob + (prob > 0.0f ? ent_scale * prob * (log_p + entropy) : 0.0f);
+    }
+    if (target >= start && target < start + n) x[target - start] -= scale;
+    for (int64_t j = 0; j < n; ++j) grad[start + j] = from_float<T>(x[j]);
+  }
+}
+
 #ifdef PSFT_CPU_AVX2_PATH
 // The row loops this process runs: AVX2 where the CPU has AVX2, FMA and F16C, unless
 // PSFT_EXT_CPU_BASELINE=1 (read once; csrc/psft_env.h) asks for the portable ones.
@@ -201,7 +221,8 @@ void forward_row(const T* row, int64_t vocab, int64_t y, int64_t r, int64_t n,
                  const LossParams& params, const float* old_p, const float* adv_p, float* stats) {
   const SoftmaxStats st = row_softmax_stats(row, vocab, params.inv_temperature);
   const float lse_r = softmax_lse(st);
-  const float logp_r = target_logp(to_float(row[y]) * params.inv_temperature, lse_r);
+  const float x_y = to_float(row[y]) * params.inv_temperature;
+  const float logp_r = target_logp(x_y, lse_r);
   const TokenLoss t =
       token_loss(logp_r, old_p ? old_p[r] : logp_r, adv_p ? adv_p[r] : params.advantage, params);
   stats[kLoss * n + r] = t.loss;
@@ -212,6 +233,7 @@ void forward_row(const T* row, int64_t vocab, int64_t y, int64_t r, int64_t n,
   stats[kClipped * n + r] = t.clipped;
   stats[kLse * n + r] = lse_r;
   stats[kCoef * n + r] = t.coef;
+  stats[kCorrect * n + r] = x_y >= st.m ? 1.0f : 0.0f;
 }
 
 }  // namespace
@@ -263,9 +285,10 @@ void backward(const BackwardArgs& a) {
   const int64_t stride = row_stride_of(a.logits);
   advise_huge_pages(a.grad, a.logits);
   const float inv_t = a.params.inv_temperature;
-  const float* g_p = a.grad_loss.data_ptr<float>();
+  const float* scale_p = a.scale.data_ptr<float>();
+  const float* ent_p = optional_data(a.ent_scale);
   const float* lse_p = a.lse.data_ptr<float>();
-  const float* coef_p = a.coef.data_ptr<float>();
+  const float* h_p = a.entropy.data_ptr<float>();
   const Targets tg = targets_of(a.targets);
 
   PSFT_DISPATCH_LOGITS(a.logits.scalar_type(), "psft_bwd", [&] {
@@ -274,17 +297,55 @@ void backward(const BackwardArgs& a) {
     at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t y = tg[r];
-        const float scale = g_p[r] * coef_p[r] * inv_t;
+        const float scale = scale_p[r] * inv_t;
+        const float ent = ent_p ? ent_p[r] * inv_t : 0.0f;
         scalar_t* grad_row = out + r * vocab;
         // Ignored and clipped rows have no gradient: their logits are not read.
-        if (y == a.params.ignore_index || scale == 0.0f) {
+        if (y == a.params.ignore_index || (scale == 0.0f && ent == 0.0f)) {
           zero_row(grad_row, vocab);
           continue;
         }
-        row_grad(base + r * stride, vocab, inv_t, lse_p[r], scale, y, grad_row);
+        const scalar_t* row = base + r * stride;
+        if (ent == 0.0f) {
+          row_grad(row, vocab, inv_t, lse_p[r], scale, y, grad_row);
+        } else {
+          row_grad_entropy(row, vocab, inv_t, lse_p[r], scale, ent, h_p[r], y, grad_row);
+        }
       }
     });
   });
+}
+
+// The options' pass over the stats: one loop over the tokens.
+void token_options(const TokenOptionsArgs& a) {
+  const int64_t n = a.stats.size(1);
+  float* s = a.stats.data_ptr<float>();
+  const float* adv = optional_data(a.adv);
+  const float* isw = optional_data(a.is_weights);
+  const float* ref = optional_data(a.ref_logprobs);
+  const float* seq = optional_data(a.seq_log_ratio);
+  const Targets tg = targets_of(a.targets);
+  for (int64_t r = 0; r < n; ++r) {
+    if (tg[r] == a.params.ignore_index) {
+      s[kEntCoef * n + r] = 0.0f;
+      continue;
+    }
+    TokenLoss t{s[kLoss * n + r], s[kRatio * n + r], s[kLogRatio * n + r], s[kCoef * n + r],
+                s[kClipped * n + r]};
+    OptionInputs in;
+    in.adv = adv ? adv[r] : a.params.advantage;
+    in.is_weight = isw ? isw[r] : 1.0f;
+    in.has_ref = ref != nullptr;
+    in.ref_logp = ref ? ref[r] : 0.0f;
+    in.has_seq_log_ratio = seq != nullptr;
+    in.seq_log_ratio = seq ? seq[r] : 0.0f;
+    const float ent = apply_token_options(t, s[kLogp * n + r], s[kEntropy * n + r], in, a.params);
+    s[kLoss * n + r] = t.loss;
+    s[kRatio * n + r] = t.ratio;
+    s[kClipped * n + r] = t.clipped;
+    s[kCoef * n + r] = t.coef;
+    s[kEntCoef * n + r] = ent;
+  }
 }
 
 void scale_rows(const at::Tensor& grad, const at::Tensor& factor_in) {

@@ -1,5 +1,6 @@
-// PSFT backward: grad[r, j] = scale_r * (softmax(z_r / tau)_j - [j == y_r]) in the logits' dtype,
-// one read of each row whose scale is nonzero and one write of every row of the dense gradient.
+// PSFT backward: grad[r, j] = (scale_r * (p_j - [j == y_r]) + ent_scale_r * p_j * (log p_j + H_r))
+// / tau with p = softmax(z_r / tau), in the logits' dtype: one read of each row with a nonzero
+// coefficient and one write of every row of the dense gradient.
 #include "psft_common.cuh"
 #include "psft_launch.h"
 
@@ -9,9 +10,10 @@ namespace {
 
 struct BackwardArgs {
   Rows in;
-  const float* grad_loss;
+  const float* scale;
+  const float* ent_scale;  // may be null: no entropy term
   const float* lse;
-  const float* coef;
+  const float* entropy;
   int64_t ignore_index;
   float inv_temperature;
   void* grad;
@@ -21,15 +23,24 @@ struct BackwardArgs {
 struct RowGrad {
   float lse;
   float scale;
+  float ent_scale;  // 0: no entropy term
+  float entropy;
   float inv_temperature;
   int64_t target;  // column index of the target in this row
 };
 
 // x = z / tau rounded on its own (__fmul_rn is never fused into x - lse), as the forward and the
 // CPU form it: where the forward found lse == x_y exactly (a row with one finite logit), the
-// gradient is then exactly 0.
+// gradient is then exactly 0. kEntropy: the entropy's term too (a kernel of its own: both paths
+// in one kernel spill at the 16-bit kernels' 64-register budget).
+template <bool kEntropy>
 __device__ __forceinline__ float element_grad(float z, const RowGrad& g, bool is_target) {
-  return logit_grad(__fmul_rn(z, g.inv_temperature), g.lse, g.scale, is_target);
+  const float x = __fmul_rn(z, g.inv_temperature);
+  if constexpr (kEntropy) {
+    return logit_grad_entropy(x, g.lse, g.scale, g.ent_scale, g.entropy, is_target);
+  } else {
+    return logit_grad(x, g.lse, g.scale, is_target);
+  }
 }
 
 // Loads of the input row. Through the read-only data cache (__ldg) unless the gradient is written
@@ -57,19 +68,20 @@ __device__ __forceinline__ uint4 read_vec(const T* p) {
 // 16-byte store. The input row may sit at a different offset from its boundary (strided or
 // offset views): then it is read element by element (kVectorLoads = false). Those loads are
 // still coalesced, and the path only serves views that are not dense rows.
-template <typename T, int kThreadsPerRow, bool kVectorLoads, bool kInPlace = false>
+template <typename T, int kThreadsPerRow, bool kEntropy, bool kVectorLoads, bool kInPlace = false>
 __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int64_t vocab,
                                                const RowGrad& g, int lane) {
   constexpr int kElems = Vec<T>::kElems;
   // Vectors loaded before any is converted. The element-wise path holds kElems registers per
   // vector; with more than one in flight the kernel, which inlines both paths, spills at its
-  // 64-register budget.
-  constexpr int kUnroll = kVectorLoads ? 4 : 1;
+  // 64-register budget. The entropy's term holds two more values per element: half as many.
+  constexpr int kUnroll = kVectorLoads ? (kEntropy ? 2 : 4) : 1;
   const RowSplit split = split_row<T>(out_row, vocab);
 
   if (lane < split.head) {
     store_element(out_row + lane,
-                  element_grad(read_element<T, kInPlace>(in_row + lane), g, lane == g.target));
+                  element_grad<kEntropy>(read_element<T, kInPlace>(in_row + lane), g,
+                                         lane == g.target));
   }
 
   const T* in_body = in_row + split.head;
@@ -102,7 +114,9 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
             (offset >= 0 && offset < kElems) ? static_cast<int>(offset) : -1;
         float out[kElems];
 #pragma unroll
-        for (int k = 0; k < kElems; ++k) out[k] = element_grad(z[u][k], g, k == target_slot);
+        for (int k = 0; k < kElems; ++k) {
+          out[k] = element_grad<kEntropy>(z[u][k], g, k == target_slot);
+        }
         store_vec(out_body + v * kElems, out);
       }
     }
@@ -111,13 +125,14 @@ __device__ __forceinline__ void write_grad_row(const T* in_row, T* out_row, int6
   if (lane < split.tail) {
     const int64_t j = split.head + split.vectors * kElems + lane;
     store_element(out_row + j,
-                  element_grad(read_element<T, kInPlace>(in_row + j), g, j == g.target));
+                  element_grad<kEntropy>(read_element<T, kInPlace>(in_row + j), g,
+                                         j == g.target));
   }
 }
 
 // kInPlace: the gradient is written over the (contiguous) logits; each element is read by the
-// thread that then overwrites it, before it does.
-template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kInPlace>
+// thread that then overwrites it, before it does. kEntropy: ent_scale is given.
+template <typename T, int kThreadsPerRow, int kRowsPerBlock, bool kInPlace, bool kEntropy>
 __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
                                   kResidentThreadsPerSm / (kThreadsPerRow * kRowsPerBlock))
     psft_backward_kernel(const BackwardArgs a) {
@@ -143,54 +158,62 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
       continue;
     }
     RowGrad g;
-    g.scale = a.grad_loss[row] * a.coef[row] * a.inv_temperature;
+    g.scale = a.scale[row] * a.inv_temperature;
+    g.ent_scale = kEntropy ? a.ent_scale[row] * a.inv_temperature : 0.0f;
     // Clipped rows (coef = 0) and rows without upstream gradient: no need to read the logits.
     // A NaN scale is not 0 and propagates into the row.
-    if (g.scale == 0.0f) {
+    if (g.scale == 0.0f && g.ent_scale == 0.0f) {
       fill_row<T, kThreadsPerRow>(out_row, vocab, 0.0f, lane);
       continue;
     }
+    g.entropy = a.entropy[row];
     g.lse = a.lse[row];
     g.inv_temperature = a.inv_temperature;
     g.target = target;
     const T* in_row = logits + row * a.in.row_stride;
     if constexpr (kInPlace) {
-      write_grad_row<T, kThreadsPerRow, true, true>(in_row, out_row, vocab, g, lane);
+      write_grad_row<T, kThreadsPerRow, kEntropy, true, true>(in_row, out_row, vocab, g, lane);
       continue;
     }
     const bool same_phase = ((reinterpret_cast<uintptr_t>(in_row) ^
                               reinterpret_cast<uintptr_t>(out_row)) & 15u) == 0;
     if (same_phase) {
-      write_grad_row<T, kThreadsPerRow, true>(in_row, out_row, vocab, g, lane);
+      write_grad_row<T, kThreadsPerRow, kEntropy, true>(in_row, out_row, vocab, g, lane);
     } else {
-      write_grad_row<T, kThreadsPerRow, false>(in_row, out_row, vocab, g, lane);
+      write_grad_row<T, kThreadsPerRow, kEntropy, false>(in_row, out_row, vocab, g, lane);
     }
   }
 }
 
 }  // namespace
 
-cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const float* lse,
-                                 const float* coef, int64_t ignore_index, float inv_temperature,
-                                 void* grad_logits, cudaStream_t stream) {
+cudaError_t launch_psft_backward(const Rows& in, const float* scale, const float* ent_scale,
+                                 const float* lse, const float* entropy, int64_t ignore_index,
+                                 float inv_temperature, void* grad_logits, cudaStream_t stream) {
   if (in.rows == 0) return cudaSuccess;
   if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
-      grad_loss == nullptr || lse == nullptr || coef == nullptr || grad_logits == nullptr) {
+      scale == nullptr || lse == nullptr || entropy == nullptr || grad_logits == nullptr) {
     return cudaErrorInvalidValue;
   }
   const bool in_place = grad_logits == in.logits;
   if (in_place && in.rows > 1 && in.row_stride != in.vocab) return cudaErrorInvalidValue;
-  const BackwardArgs args{in, grad_loss, lse, coef, ignore_index, inv_temperature, grad_logits};
+  const BackwardArgs args{in,           scale,           ent_scale,  lse, entropy,
+                          ignore_index, inv_temperature, grad_logits};
   return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {
     return PSFT_LAUNCH_SHAPE_SWITCH(in.vocab, sizeof(T), kThreadsPerRow, kRowsPerBlock, [&] {
       const dim3 grid = grid_for_rows(in.rows, kRowsPerBlock);
       const int threads = kThreadsPerRow * kRowsPerBlock;
-      if (in_place) {
-        psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, true>
-            <<<grid, threads, 0, stream>>>(args);
+      const auto launch = [&](auto kernel) { kernel<<<grid, threads, 0, stream>>>(args); };
+      if (ent_scale != nullptr) {
+        if (in_place) {
+          launch(psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, true, true>);
+        } else {
+          launch(psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, false, true>);
+        }
+      } else if (in_place) {
+        launch(psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, true, false>);
       } else {
-        psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, false>
-            <<<grid, threads, 0, stream>>>(args);
+        launch(psft_backward_kernel<T, kThreadsPerRow, kRowsPerBlock, false, false>);
       }
       return cudaGetLastError();
     });

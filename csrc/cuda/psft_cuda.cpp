@@ -56,6 +56,7 @@ ForwardOutputs outputs_of(const at::Tensor& stats) {
   out.clipped = base + kClipped * n;
   out.lse = base + kLse * n;
   out.coef = base + kCoef * n;
+  out.correct = base + kCorrect * n;
   return out;
 }
 
@@ -80,13 +81,14 @@ bool use_sm90_single_pass(const at::Tensor& logits, int64_t vocab) {
          psft_forward_backward_supported(logits.get_device(), dtype_of(logits), vocab);
 }
 
-void launch_backward(const Rows& rows, const float* grad_loss, const at::Tensor& lse,
-                     const at::Tensor& coef, const LossParams& params, const at::Tensor& grad,
-                     const char* op) {
+void launch_backward(const Rows& rows, const at::Tensor& scale, const at::Tensor& ent_scale,
+                     const at::Tensor& lse, const at::Tensor& entropy, const LossParams& params,
+                     const at::Tensor& grad, const char* op) {
   if (rows.rows == 0 || rows.vocab == 0) return;
-  check_launch(launch_psft_backward(rows, grad_loss, lse.data_ptr<float>(),
-                                    coef.data_ptr<float>(), params.ignore_index,
-                                    params.inv_temperature, grad.data_ptr(), current_stream()),
+  check_launch(launch_psft_backward(rows, scale.data_ptr<float>(), optional_data(ent_scale),
+                                    lse.data_ptr<float>(), entropy.data_ptr<float>(),
+                                    params.ignore_index, params.inv_temperature, grad.data_ptr(),
+                                    current_stream()),
                op);
 }
 
@@ -111,16 +113,28 @@ void forward(const ForwardArgs& a) {
   }
   check_launch(launch_psft_forward(rows, old, adv, a.params, out, current_stream()), op);
   if (a.grad.defined()) {
-    launch_backward(rows, a.weights.data_ptr<float>(), a.stats[kLse], a.stats[kCoef], a.params,
-                    a.grad, op);
+    // The pair's backward kernel: the per-row scale is the reduction's weight times coef.
+    launch_backward(rows, a.weights * a.stats[kCoef], at::Tensor(), a.stats[kLse],
+                    a.stats[kEntropy], a.params, a.grad, op);
   }
 }
 
 void backward(const BackwardArgs& a) {
   const char* op = "psft_bwd";
   const c10::cuda::CUDAGuard device_guard(a.logits.device());
-  launch_backward(rows_of(a.logits, a.targets, op), a.grad_loss.data_ptr<float>(), a.lse, a.coef,
+  launch_backward(rows_of(a.logits, a.targets, op), a.scale, a.ent_scale, a.lse, a.entropy,
                   a.params, a.grad, op);
+}
+
+void token_options(const TokenOptionsArgs& a) {
+  const char* op = "psft_fwd";
+  const c10::cuda::CUDAGuard device_guard(a.stats.device());
+  check_launch(launch_token_options(a.stats.size(1), a.targets.data_ptr(),
+                                    a.targets.scalar_type() == at::kInt,
+                                    a.stats.data_ptr<float>(), optional_data(a.adv),
+                                    optional_data(a.is_weights), optional_data(a.ref_logprobs),
+                                    optional_data(a.seq_log_ratio), a.params, current_stream()),
+               op);
 }
 
 void scale_rows(const at::Tensor& grad, const at::Tensor& factor) {

@@ -262,7 +262,7 @@ __device__ __forceinline__ void fill_slice(T* out_row, const Slice& sl, float va
 
 __device__ __forceinline__ void write_outputs(const ForwardOutputs& out, int64_t row, float loss,
                                               float logp, float entropy, const TokenLoss& t,
-                                              float lse) {
+                                              float lse, float correct) {
   out.loss[row] = loss;
   out.logp[row] = logp;
   out.entropy[row] = entropy;
@@ -271,12 +271,13 @@ __device__ __forceinline__ void write_outputs(const ForwardOutputs& out, int64_t
   out.clipped[row] = t.clipped;
   out.lse[row] = lse;
   out.coef[row] = t.coef;
+  out.correct[row] = correct;
 }
 
 __device__ __forceinline__ void write_uniform_outputs(const ForwardOutputs& out, int64_t row,
                                                       float value) {
   const TokenLoss t{value, value, value, value, value};
-  write_outputs(out, row, value, value, value, t, value);
+  write_outputs(out, row, value, value, value, t, value, value);
 }
 
 __device__ __forceinline__ SoftmaxStats shfl_from(const SoftmaxStats& v, int src) {
@@ -366,7 +367,10 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedCtasPerSm)
         const float entropy = softmax_entropy(st);
         const float old = a.old_logprobs != nullptr ? old_logp : logp;
         const TokenLoss t = token_loss(logp, old, advantage, a.params);
-        if (rank == 0) write_outputs(a.out, row, t.loss, logp, entropy, t, lse);
+        // The target attains the row's maximum: the same x = z / tau rounding on both sides.
+        const float correct =
+            __fmul_rn(target_logit, inv_temperature) >= st.m ? 1.0f : 0.0f;
+        if (rank == 0) write_outputs(a.out, row, t.loss, logp, entropy, t, lse, correct);
         row_consts[0] = lse;
         row_consts[1] = grad_loss * t.coef * inv_temperature;
       }
@@ -604,7 +608,7 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
       grad_loss == nullptr || grad_logits == nullptr || out.loss == nullptr ||
       out.logp == nullptr || out.entropy == nullptr || out.ratio == nullptr ||
       out.log_ratio == nullptr || out.clipped == nullptr || out.lse == nullptr ||
-      out.coef == nullptr) {
+      out.coef == nullptr || out.correct == nullptr) {
     return cudaErrorInvalidValue;
   }
   const FusedArgs args{in, old_logprobs, advantages, params, grad_loss, out, grad_logits,

@@ -29,7 +29,7 @@ struct Rows {
   bool targets_int32;
 };
 
-// Per-token float32 outputs of the forward, each of length `rows`.
+// Per-token float32 outputs of the forward, each of length `rows` (psft_math.h, TokenStat).
 struct ForwardOutputs {
   float* loss;
   float* logp;
@@ -39,6 +39,7 @@ struct ForwardOutputs {
   float* clipped;
   float* lse;
   float* coef;
+  float* correct;
 };
 
 // Forward of the PSFT loss. old_logprobs / advantages may be null (old = current log-prob,
@@ -48,13 +49,14 @@ cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
                                 const float* advantages, const LossParams& params,
                                 const ForwardOutputs& out, cudaStream_t stream);
 
-// grad_logits[r, j] = grad_loss[r] * coef[r] * inv_temperature * (exp(z[r, j] * inv_temperature
-// - lse[r]) - [j == y_r]), written densely (row stride V) in the logits' dtype. Rows whose
-// grad_loss * coef is 0 (ignored, clipped) are written as zeros without reading their logits.
-// grad_logits may be in.logits itself (in place) when the rows are contiguous (row_stride == V).
-cudaError_t launch_psft_backward(const Rows& in, const float* grad_loss, const float* lse,
-                                 const float* coef, int64_t ignore_index, float inv_temperature,
-                                 void* grad_logits, cudaStream_t stream);
+// grad_logits[r, j] = (scale[r] * (p_j - [j == y_r]) + ent_scale[r] * p_j * (log p_j + entropy[r]))
+// * inv_temperature with p = exp(z[r, j] * inv_temperature - lse[r]), written densely (row stride
+// V) in the logits' dtype; ent_scale may be null (no entropy term). Rows whose coefficients are
+// both 0 (ignored, clipped) are written as zeros without reading their logits. grad_logits may
+// be in.logits itself (in place) when the rows are contiguous (row_stride == V).
+cudaError_t launch_psft_backward(const Rows& in, const float* scale, const float* ent_scale,
+                                 const float* lse, const float* entropy, int64_t ignore_index,
+                                 float inv_temperature, void* grad_logits, cudaStream_t stream);
 
 // Single pass on Hopper (sm_90): the forward's per-row outputs and the gradient of
 // sum_r grad_loss[r] * loss[r] (grad_loss: the upstream gradient the caller expects), reading each
@@ -69,6 +71,14 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
 // Whether launch_psft_forward_backward applies to this device, dtype and vocabulary size (no
 // launch).
 bool psft_forward_backward_supported(int device, DType dtype, int64_t vocab);
+
+// The options' pass over the forward's stats (psft_math.h, apply_token_options), one thread per
+// token: stats is the (kTokenStats, rows) float32 block; adv, is_weights, ref_logprobs and
+// seq_log_ratio are (rows,) or null.
+cudaError_t launch_token_options(int64_t rows, const void* targets, bool targets_int32,
+                                 float* stats, const float* adv, const float* is_weights,
+                                 const float* ref_logprobs, const float* seq_log_ratio,
+                                 const LossParams& params, cudaStream_t stream);
 
 // grad[r, :] *= factor[r * factor_stride] for the rows of a dense (rows x vocab) gradient, in
 // place, skipping the rows whose factor is exactly 1 (read on the device: the host never waits).

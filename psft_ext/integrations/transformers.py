@@ -26,8 +26,9 @@ How the Trainer's loop is used (transformers 5.x):
   number of processes to undo DDP's gradient averaging, as the Trainer does for its own loss.
   The logged ``loss`` is therefore the PSFT objective (minus the mean clipped ratio, about -1),
   not the cross-entropy: that one is logged as ``nll``.
-* Metrics: ``nll``, ``entropy``, ``clip_fraction``, ``approx_kl`` and ``ratio_mean`` (token
-  means over the logging interval, all ranks) are added to the Trainer's training logs, so they
+* Metrics: the :class:`~psft_ext.PSFTMetrics` (``nll``, ``entropy``, ``clip_fraction`` and its
+  sides, ``approx_kl``, ``ratio_mean``, ``token_accuracy``; token means over the logging
+  interval, all ranks) are added to the Trainer's training logs, so they
   reach every reporting integration (TensorBoard, W&B, ...).
 * Checkpoints: the rest of the current group (old log-probs of the steps not trained yet, with a
   fingerprint of each micro-batch) is saved in every checkpoint (one small file per rank,
@@ -59,6 +60,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..loss import token_logprobs
+from ..metrics import PSFTMetrics
 from ..params import LossParams, loss_params
 from .causal_lm import (OLD_LOGPROBS_KEY, CausalLMPSFT, batch_targets, count_targets,
                         model_inputs, unwrap_model)
@@ -84,7 +86,8 @@ if _version(transformers.__version__) < MIN_TRANSFORMERS:
 __all__ = ["PSFTArguments", "PSFTConfig", "PSFTTrainer", "PSFTTrainerMixin", "METRIC_NAMES",
            "old_policy_file"]
 
-METRIC_NAMES = ("nll", "entropy", "clip_fraction", "approx_kl", "ratio_mean")
+# Logged as token means over the logging interval: every PSFTMetrics field but the count.
+METRIC_NAMES = tuple(name for name in PSFTMetrics._fields if name != "num_tokens")
 
 
 def old_policy_file(process_index: int) -> str:
@@ -352,8 +355,7 @@ class PSFTTrainerMixin:
 
     def _psft_record(self, metrics):
         n = metrics.num_tokens
-        row = torch.stack([metrics.nll * n, metrics.entropy * n, metrics.clip_fraction * n,
-                           metrics.approx_kl * n, metrics.ratio_mean * n, n])
+        row = torch.stack([getattr(metrics, name) * n for name in METRIC_NAMES] + [n])
         self._psft_sums = row if self._psft_sums is None else self._psft_sums + row.to(
             self._psft_sums.device)
 
@@ -363,12 +365,12 @@ class PSFTTrainerMixin:
         if "loss" in logs and "learning_rate" in logs and hasattr(self, "_psft_groups"):
             sums = self._psft_sums
             if sums is None:
-                sums = torch.zeros(6, dtype=torch.float32)
+                sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float32)
             sums = sums.to(self.args.device)
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
             self._psft_sums = None
-            total = sums[5].item()
+            total = sums[-1].item()
             if total > 0:
                 for i, name in enumerate(METRIC_NAMES):
                     logs[name] = (sums[i] / total).item() + 0.0  # no -0.0 in the logs

@@ -14,8 +14,8 @@ What changes is the loss, the old-policy groups, the metrics and the checkpoints
 :mod:`psft_ext.integrations.transformers` (the same :class:`PSFTTrainerMixin`): see there.
 
 TRL's own training metrics computed from its fused LM head (``mean_token_accuracy``,
-``num_tokens``) are not produced: the PSFT loss logs ``nll``, ``entropy``, ``clip_fraction``,
-``approx_kl`` and ``ratio_mean`` instead. ``loss_type="dft"``, label smoothing,
+``num_tokens``) are not produced: the PSFT loss logs its metrics instead (``token_accuracy`` is
+TRL's ``mean_token_accuracy``). ``loss_type="dft"``, label smoothing,
 ``compute_loss_func`` and the MoE router auxiliary loss are refused, since they are other losses.
 """
 

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 
 from .._ops import ops
-from ..arguments import (LOGITS_DTYPES, as_rows, check_targets, flat_targets, num_items_arg,
-                         old_and_advantages)
-from ..loss import stats_of
+from ..arguments import LOGITS_DTYPES, as_rows, check_targets, flat_targets
+from ..loss import logprobs_of
 from ..metrics import PSFTMetrics
 from ..params import LossParams, loss_params
+from ..token_inputs import loss_inputs, no_token_inputs
 from . import ops as _registrations  # noqa: F401  (the linear ops' implementations)
 
 
@@ -67,21 +67,21 @@ def check_chunk_size(chunk_size, fn):
 
 def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bias=None,
                 chunk_size=None, accumulate_float32=True, advantages=1.0, num_items=None,
-                return_metrics=False, fn="linear_psft_loss"):
+                return_metrics=False, rollout_is_weights=None, ref_logprobs=None,
+                fn="linear_psft_loss"):
     """:func:`linear_psft_loss` with its options as a :class:`LossParams` (``fn`` names the caller
     in error messages)."""
     compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
     chunk = check_chunk_size(chunk_size, fn)
-    ignore_index, reduction = params.ignore_index, params.reduction
-    old, adv, adv_scalar = old_and_advantages(old_logprobs, advantages, targets, fn,
-                                              where="hidden")
-    num_items_t, num_items_value = num_items_arg(num_items, reduction, hidden.device, fn)
-    loss, metrics, *_ = ops.linear_fwd(
-        as_rows(hidden), weight, bias, flat_targets(targets, ignore_index),
-        old, adv, num_items_t, params.op_args(adv_scalar), ignore_index, reduction,
-        num_items_value, bool(return_metrics), chunk, compute_dtype, bool(accumulate_float32),
-        False, False, False)
-    if reduction == "none":
+    inputs = loss_inputs(params, targets, fn, old_logprobs=old_logprobs, advantages=advantages,
+                         rollout_is_weights=rollout_is_weights, ref_logprobs=ref_logprobs,
+                         num_items=num_items, device=hidden.device, where="hidden")
+    loss, _, _, metrics, *_ = ops.linear_fwd(
+        as_rows(hidden), weight, bias, flat_targets(targets, params.ignore_index),
+        inputs.token_inputs, params.op_args(inputs.advantage), params.ignore_index,
+        inputs.seq_len, inputs.num_items, inputs.num_items_value, bool(return_metrics), False,
+        chunk, compute_dtype, bool(accumulate_float32), False, False, False)
+    if params.reduction == "none":
         loss = loss.view(targets.shape)
     if not return_metrics:
         return loss
@@ -100,14 +100,18 @@ def linear_psft_loss(
     advantages: Union[float, Tensor] = 1.0,
     num_items: Optional[Union[int, float, Tensor]] = None,
     return_metrics: bool = False,
+    rollout_is_weights: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
     **options,
 ):
     """PSFT loss of the LM head's logits ``hidden @ weight.T + bias`` without materializing them.
 
     Same results, metrics and gradients (for hidden, weight and bias) as
     ``psft_loss(hidden @ weight.T + bias, targets, old_logprobs, ...)``; see
-    :func:`psft_ext.psft_loss` for the loss, ``advantages``, ``num_items``, ``return_metrics``
-    and the options (:class:`psft_ext.LossParams`' fields as keywords).
+    :func:`psft_ext.psft_loss` for the loss, ``advantages``, ``num_items``, ``return_metrics``,
+    ``rollout_is_weights``, ``ref_logprobs`` and the options (:class:`psft_ext.LossParams`'
+    fields as keywords). With ``importance_sampling="sequence"`` a chunk holds whole sequences
+    when one fits in it, else the log-probs take a first pass over the chunks.
 
     Args:
         hidden: (..., H) float32 / bfloat16 / float16, the last hidden states.
@@ -137,7 +141,8 @@ def linear_psft_loss(
     return linear_loss(hidden, weight, targets, old_logprobs, loss_params(fn, options), bias=bias,
                        chunk_size=chunk_size, accumulate_float32=accumulate_float32,
                        advantages=advantages, num_items=num_items,
-                       return_metrics=return_metrics, fn=fn)
+                       return_metrics=return_metrics, rollout_is_weights=rollout_is_weights,
+                       ref_logprobs=ref_logprobs, fn=fn)
 
 
 def linear_token_logprobs(
@@ -154,15 +159,17 @@ def linear_token_logprobs(
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without materializing the logits.
 
     float32 log-probs of the targets (0 where ignored), of targets' shape; with
-    ``with_entropy=True`` also the per-token entropy. No autograd (meant for the old policy).
+    ``with_entropy=True`` also the per-token entropy. Both are differentiable with respect to
+    hidden, weight and bias: the backward recomputes the logits chunk by chunk (no N x V memory
+    at any point), so a policy loss written in PyTorch on them needs no logits at all.
     """
     fn = "linear_token_logprobs"
     compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
-    params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature))
+    params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature,
+                                  reduction="none"))
     chunk = check_chunk_size(chunk_size, fn)
-    _, _, stats, *_ = ops.linear_fwd(
-        as_rows(hidden.detach()), weight.detach(),
-        None if bias is None else bias.detach(), flat_targets(targets, ignore_index), None, None,
-        None, params.op_args(), ignore_index, "none", 0.0, False, chunk, compute_dtype,
-        True, False, False, False)
-    return stats_of(stats, targets.shape, with_entropy)
+    _, logp, entropy, *_ = ops.linear_fwd(
+        as_rows(hidden), weight, bias, flat_targets(targets, ignore_index), no_token_inputs(),
+        params.op_args(), ignore_index, 0, None, 0.0, False, True, chunk, compute_dtype, True,
+        False, False, False)
+    return logprobs_of(logp, entropy, targets.shape, with_entropy)
