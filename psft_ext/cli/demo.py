@@ -462,10 +462,10 @@ def reading(summary, n_seeds):
     ps, sft = r["psft"], r["sft"]
     called = []  # the differences that pass the spread rule
 
-    def compare(what, a, b, name_b, pct=True):
+    def compare(what, a, b, name_b, pct=True, where=""):
         d = differs(a, b)
         if d:
-            called.append(f"{'higher' if d > 0 else 'lower'} {what} than {name_b}")
+            called.append(f"{'higher' if d > 0 else 'lower'} {what}{where} than {name_b}")
         verdict = ("no difference beyond the spread" if d == 0 else
                    f"{'higher' if d > 0 else 'lower'} for PSFT")
         return f"{what} {_ms(a, pct)} for PSFT vs {_ms(b, pct)} ({verdict})"
@@ -495,13 +495,13 @@ def reading(summary, n_seeds):
                          f"in-domain accuracy.")
             continue
         a, b = pair["psft"], pair[name]
-        at = f"at {_pct(pair['level'])} in-domain accuracy"
+        at = f" at {_pct(pair['level'])} in-domain accuracy"
         parts.append(f"Where in-domain accuracy first reached {_pct(pair['level'])} (the "
                      f"highest level both reached in every seed), PSFT against {LABELS[name]}: "
-                     + compare(f"prior-task accuracy {at}", a["prior_acc"], b["prior_acc"],
-                               LABELS[name]) + "; "
-                     + compare(f"out-of-domain accuracy {at}", a["ood_acc"], b["ood_acc"],
-                               LABELS[name]) + ".")
+                     + compare("prior-task accuracy", a["prior_acc"], b["prior_acc"],
+                               LABELS[name], where=at) + "; "
+                     + compare("out-of-domain accuracy", a["ood_acc"], b["ood_acc"],
+                               LABELS[name], where=at) + ".")
     parts.append(f"PSFT clipped {_ms(ps['clip_fraction'])} of the training tokens on average "
                  f"(those tokens got no gradient; SFT clips none by construction).")
     if called:
