@@ -199,8 +199,8 @@ def test_demo_is_reproducible_in_process(tmp_path, monkeypatch):
     shortened setting, run twice in this process)."""
     pytest.importorskip("transformers")
     from psft_ext.cli import demo
-    small = dict(demo.SETTINGS["quick"], pretrain_steps=20, train_examples=64, epochs=2,
-                 eval_every=8, eval_size=16)
+    small = dict(demo.SETTINGS["quick"], pretrain_steps=10, train_examples=64, epochs=1,
+                 eval_every=4, eval_size=8)
     monkeypatch.setitem(demo.SETTINGS, "quick", small)
     outs = []
     for i in range(2):
