@@ -278,6 +278,7 @@ def main(argv=None):
 
     env = environment(device)
     print_header(env, dtype)
+    print(markdown_table([]), flush=True)  # the header once; each shape's rows follow it
     rows = []
     for i, (n, hidden_size, vocab) in enumerate(shapes):
         t0 = time.perf_counter()
@@ -288,8 +289,6 @@ def main(argv=None):
               f"  <!-- {time.perf_counter() - t0:.0f}s -->", flush=True)
         write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype), reps=reps,
                    rows=rows)
-    print()
-    print(markdown_table(rows))
     return rows
 
 

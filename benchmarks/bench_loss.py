@@ -452,6 +452,7 @@ def main(argv=None):
 
     env = environment(device)
     print_header(env, dtype)
+    print(markdown_table([]), flush=True)  # the header once; each shape's rows follow it
     rows = []
     for i, (n, vocab) in enumerate(shapes):
         t0 = time.perf_counter()
@@ -462,8 +463,6 @@ def main(argv=None):
               flush=True)
         write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype), reps=reps,
                    rows=rows)
-    print()
-    print(markdown_table(rows))
     return rows
 
 

@@ -4,6 +4,10 @@ import json
 import math
 import os
 
+# The seed every command starts from unless told otherwise: transformers' TrainingArguments
+# default, so that psft train, psft demo and a Trainer script agree.
+DEFAULT_SEED = 42
+
 
 class CLIError(Exception):
     """A user-facing error: printed as ``psft: error: <message>``, exit status 2, no traceback."""

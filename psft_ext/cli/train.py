@@ -2,28 +2,40 @@
 
 Runs :class:`psft_ext.integrations.transformers.PSFTTrainer`; ``--loss sft`` is the same trainer
 with one optimizer step per old policy, where the ratio is exactly 1 and the gradient is SFT's.
+The command line is transformers' ``HfArgumentParser`` over :class:`ScriptArguments` (the model,
+the data, the loss) and ``PSFTConfig`` (every ``TrainingArguments`` flag plus the PSFT fields),
+as ``trl sft`` parses ``SFTConfig``; the defaults are the PSFT authors' recipe where they differ
+from the Trainer's (:data:`RECIPE_DEFAULTS`).
 
-Output layout (``--output-dir OUT``):
+Output layout (``--output_dir OUT``):
 
-* ``OUT/checkpoints/checkpoint-N``: the Trainer's checkpoints (``--resume`` continues from the
-  last one, old-policy cache included).
+* ``OUT/checkpoints/checkpoint-N``: the Trainer's checkpoints, each with the tokenizer, the
+  old-policy cache and ``psft_train.json``, the settings of the run, which
+  ``--resume_from_checkpoint`` restores.
 * ``OUT/final``: the fine-tuned model, its tokenizer and ``metrics.json``. It is written to a
   temporary folder next to it and renamed into place only once the run finished, so a folder named
   ``final`` is always a complete run; an interrupted or failed run leaves checkpoints only.
 
-Everything that can be checked before training (the model folder, the LM head, the JSONL lines and
-their lengths) is checked before anything is written.
+Every value and everything that can be checked before training (the model folder, the LM head,
+the JSONL lines and their lengths) is checked before a model is loaded or a file written.
 """
 
+import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
-from .common import CLIError, write_json_atomic
+from .common import DEFAULT_SEED, CLIError, write_json_atomic
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
+SETTINGS_FILE = "psft_train.json"
+SETTINGS_FORMAT = 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -111,7 +123,7 @@ def load_examples(path, tok, max_length):
                            f"\"messages\"; got {sorted(obj)}")
         if len(ids) > max_length:
             raise CLIError(f"{where}: {len(ids)} tokens, longer than the limit of {max_length} "
-                           f"(--max-length)")
+                           f"(--max_length)")
         if all(label == -100 for label in labels[1:]):
             raise CLIError(f"{where}: nothing to train on (no completion tokens after the first "
                            f"position)")
@@ -209,99 +221,408 @@ def _postfix_callback():
     return PostfixCallback()
 
 
+# ----------------------------------------------------------------------------- arguments
+
+@dataclass
+class ScriptArguments:
+    """psft train's own options; every other flag is a TrainingArguments / PSFTConfig field."""
+
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Local model folder (config, weights, tokenizer), loaded with "
+                "AutoModelForCausalLM.from_pretrained in float32. Required, except when "
+                "resuming (restored from the checkpoint)."})
+    train_file: Optional[str] = field(default=None, metadata={
+        "help": "Local JSONL training file: {\"prompt\": ..., \"completion\": ...} or chat "
+                "{\"messages\": [...]} lines; the loss covers the completion (the assistant "
+                "turns). Required, except when resuming."})
+    eval_file: Optional[str] = field(default=None, metadata={
+        "help": "Local JSONL evaluation file (the same format): the token-mean NLL of its "
+                "completions is reported as eval_loss at every --eval_strategy point and at the "
+                "end (in metrics.json)."})
+    loss: Literal["psft", "sft"] = field(default="psft", metadata={
+        "help": "psft, or sft: one optimizer step per old policy, where PSFT is exactly SFT."})
+    max_length: Optional[int] = field(default=None, metadata={
+        "help": "Longest tokenized example allowed (default: the model's "
+                "max_position_embeddings, else 2048); a longer one is an error."})
+
+
+# The authors' recipe where it differs from TrainingArguments' defaults (lr 1e-6, 10 warm-up steps
+# then a constant rate, weight decay 0.1; mini-batches of 8 and grad clip 1.0 are the Trainer's
+# defaults too), and the command's own choices: one epoch, a checkpoint every 100 steps.
+RECIPE_DEFAULTS = dict(learning_rate=1e-6, lr_scheduler_type="constant_with_warmup",
+                       warmup_steps=10, weight_decay=0.1, num_train_epochs=1.0, save_steps=100,
+                       logging_steps=10, seed=DEFAULT_SEED, report_to="none",
+                       remove_unused_columns=False)
+
+# What a resume may not change: the checkpoint's optimizer and scheduler state would silently
+# keep the old values (the learning rate, the optimizer's settings) or the run would mix two
+# trainings (the loss, the groups, the data).
+LOCKED = (
+    ("the loss", ("loss", "clip_low", "clip_high")),
+    ("the learning-rate schedule", ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+                                    "warmup_steps")),
+    ("the old-policy group", ("steps_per_old_policy", "per_device_train_batch_size",
+                              "gradient_accumulation_steps")),
+    ("the optimizer", ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+                       "adam_epsilon", "max_grad_norm")),
+    ("the model and data", ("model_name_or_path", "train_file", "max_length", "seed",
+                            "data_seed")),
+)
+# Under these schedules the learning rate does not depend on the length of the run, so a resume
+# may extend it (--max_steps, --num_train_epochs).
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# Given anew by every command, never restored from a checkpoint.
+NOT_RESTORED = ("output_dir", "resume_from_checkpoint")
+
+# The flags of psft train before it took the Trainer's names.
+RENAMED = {"--model": "--model_name_or_path", "--data": "--train_file",
+           "--lr": "--learning_rate", "--batch-size": "--per_device_train_batch_size",
+           "--grad-accum": "--gradient_accumulation_steps", "--epochs": "--num_train_epochs",
+           "--resume": "--resume_from_checkpoint last", "--no-progress": "--disable_tqdm true"}
+
+DESCRIPTION = """\
+Fine-tunes a causal LM from a local folder on a local JSONL file with PSFT (--loss psft, the
+default) or SFT (--loss sft). Every transformers TrainingArguments flag works, spelled
+--flag_name or --flag-name (--output_dir, --learning_rate, --per_device_train_batch_size,
+--gradient_accumulation_steps, --num_train_epochs, --max_steps, --save_total_limit,
+--report_to, --seed, --bf16, ...), and the PSFT fields --clip_low, --clip_high,
+--steps_per_old_policy, --use_fused_linear. Defaults are the PSFT authors' recipe: lr 1e-6,
+10 warm-up steps then constant, weight decay 0.1, grad clip 1.0, mini-batches of 8, 8 optimizer
+steps per old policy, clip 0.2 / 0.28.
+
+Checkpoints (with the tokenizer) go to OUTPUT_DIR/checkpoints; the finished model, tokenizer and
+metrics.json to OUTPUT_DIR/final, which appears (by an atomic rename) only when the run
+completed. --resume_from_checkpoint last (or a checkpoint folder) continues a run with the
+settings it was started with: flags left out are restored from the checkpoint, and a resume that
+would change the loss, the learning-rate schedule, the old-policy group, the optimizer, the model
+or the data is refused."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    from ..integrations.transformers import PSFTConfig
+
+    class Parser(HfArgumentParser):
+        def error(self, message):
+            hints = [f"{old} is now {new}" for old, new in RENAMED.items()
+                     if f"{old} " in f"{message} " or f"{old}=" in message]
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            raise CLIError(f"{message}{hint} ('psft train --help' lists the options)")
+
+    parser = Parser((ScriptArguments, PSFTConfig), prog="psft train", description=DESCRIPTION,
+                    formatter_class=_Formatter, allow_abbrev=False)
+    import torch
+    parser.set_defaults(**RECIPE_DEFAULTS, dataloader_pin_memory=torch.cuda.is_available())
+    return parser
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags written on the command line (a value equal to the default
+    counts as given)."""
+    actions = [(a, a.default) for a in parser._actions]
+    defaults = parser._defaults
+    try:
+        for action, _ in actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults = {}
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in actions:
+            action.default = default
+        parser._defaults = defaults
+    return set(vars(namespace))
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flag(name, value):
+    return f"--{name} {value}"
+
+
+def _check_values(v, given):
+    """Every value psft train or the Trainer would only reject after loading the model (or never),
+    named by its flag."""
+    def need(ok, name, rule):
+        if not ok:
+            raise CLIError(f"--{name} {rule}, got {v[name]!r}")
+
+    def finite(name):
+        return isinstance(v[name], (int, float)) and math.isfinite(v[name])
+
+    need(finite("learning_rate") and v["learning_rate"] > 0, "learning_rate",
+         "must be a number > 0")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                 "steps_per_old_policy"):
+        need(v[name] >= 1, name, "must be at least 1")
+    need(finite("num_train_epochs") and v["num_train_epochs"] > 0, "num_train_epochs",
+         "must be a number > 0")
+    need(v["max_steps"] == -1 or v["max_steps"] >= 1, "max_steps",
+         "must be at least 1, or -1 for --num_train_epochs to decide")
+    need(finite("warmup_steps") and v["warmup_steps"] >= 0, "warmup_steps",
+         "must be >= 0 (steps, or a fraction of the run below 1)")
+    need(finite("weight_decay") and v["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    need(finite("max_grad_norm") and v["max_grad_norm"] >= 0, "max_grad_norm",
+         "must be >= 0 (0: no clipping)")
+    for name in ("save_steps", "logging_steps"):
+        need(finite(name) and v[name] > 0 and (v[name] < 1 or float(v[name]).is_integer()),
+             name, "must be a whole number of steps >= 1, or a fraction of the run below 1")
+    need(v["save_total_limit"] is None or v["save_total_limit"] >= 1, "save_total_limit",
+         "must be at least 1 (the checkpoints kept)")
+    need(finite("clip_low") and 0 <= v["clip_low"] < 1, "clip_low",
+         "must be in [0, 1) (the trust region starts at 1 - clip_low)")
+    need(finite("clip_high") and v["clip_high"] >= 0, "clip_high", "must be >= 0")
+    need(v["fused_linear_chunk_size"] is None or v["fused_linear_chunk_size"] >= 1,
+         "fused_linear_chunk_size", "must be at least 1")
+    need(v["max_length"] is None or v["max_length"] >= 1, "max_length", "must be at least 1")
+    for name in ("seed", "data_seed"):
+        need(v[name] is None or 0 <= v[name] < 2**32, name, "must be in [0, 2**32)")
+    if v["loss"] == "sft" and "steps_per_old_policy" in given and v["steps_per_old_policy"] != 1:
+        raise CLIError(f"--loss sft is one optimizer step per old policy; --steps_per_old_policy "
+                       f"{v['steps_per_old_policy']} contradicts it (leave it out)")
+    if v["eval_strategy"] != "no" and v["eval_file"] is None:
+        raise CLIError(f"--eval_strategy {v['eval_strategy']} needs --eval_file (the data to "
+                       f"evaluate on)")
+    if v["remove_unused_columns"]:
+        raise CLIError("--remove_unused_columns must stay false: the batches carry the labels and "
+                       "old log-probs the loss needs")
+    _check_device_flags(v)
+    _check_report_to(v["report_to"])
+
+
+def _check_device_flags(v):
+    import torch
+    if v["use_cpu"]:
+        return
+    if v["fp16"] and not torch.cuda.is_available():
+        raise CLIError("--fp16 needs a GPU and torch sees none; for mixed precision on the CPU "
+                       "use --bf16 with --use_cpu")
+    if v["bf16"] and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise CLIError("--bf16 needs a GPU with bfloat16 support, and torch sees none; add "
+                       "--use_cpu for bfloat16 autocast on the CPU")
+
+
+def _check_report_to(value):
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+    if value in (None, "none", "all"):
+        return
+    if value not in INTEGRATION_TO_CALLBACK:
+        raise CLIError(f"--report_to {value}: unknown; choose none, all or one of "
+                       f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+    if value not in get_available_reporting_integrations():
+        raise CLIError(f"--report_to {value}: its package is not installed")
+
+
+# ----------------------------------------------------------------------------- resume
+
+def find_checkpoint(value, ckpt_dir):
+    """The checkpoint folder of --resume_from_checkpoint: 'last' / 'true' for the newest one in
+    OUTPUT_DIR/checkpoints, else a folder."""
+    if value.lower() in ("last", "true"):
+        last = _last_checkpoint(ckpt_dir)
+        if last is None:
+            raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint in {ckpt_dir}")
+        return last
+    if not os.path.isdir(value):
+        raise CLIError(f"--resume_from_checkpoint {value}: no such folder")
+    return value
+
+
+def read_settings(checkpoint):
+    path = os.path.join(checkpoint, SETTINGS_FILE)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise CLIError(f"--resume_from_checkpoint {checkpoint}: no {SETTINGS_FILE}, so not a "
+                       f"checkpoint of psft train whose settings can be restored")
+    except (OSError, json.JSONDecodeError) as err:
+        raise CLIError(f"--resume_from_checkpoint {checkpoint}: cannot read {SETTINGS_FILE} "
+                       f"({err})")
+    if saved.get("format") != SETTINGS_FORMAT or not isinstance(saved.get("settings"), dict):
+        raise CLIError(f"{path}: not a settings file this psft train reads")
+    return saved["settings"]
+
+
+def restore(values, given, saved, checkpoint):
+    """The settings of a resumed run: the checkpoint's, with the flags given now where they may
+    change; a one-line refusal naming the flags that may not."""
+    merged = dict(values)
+    for name, value in saved.items():
+        if name in merged and name not in given and name not in NOT_RESTORED:
+            merged[name] = value
+    locked = list(LOCKED)
+    warmup = saved.get("warmup_steps", 0)
+    if saved.get("lr_scheduler_type") not in LENGTH_FREE_SCHEDULES or 0 < warmup < 1:
+        locked.append(("the learning-rate schedule", ("max_steps", "num_train_epochs")))
+    changed, what = [], []
+    for category, names in locked:
+        for name in names:
+            if name in given and name in saved and _jsonable(values[name]) != saved[name]:
+                changed.append(name)
+                if category not in what:
+                    what.append(category)
+    if changed:
+        before = " ".join(_flag(n, saved[n]) for n in changed)
+        now = " ".join(_flag(n, values[n]) for n in changed)
+        raise CLIError(f"--resume_from_checkpoint {checkpoint}: its run was started with "
+                       f"{before}; a resume cannot change {_either(what)} (given: {now}); "
+                       f"leave these flags out to continue with the checkpoint's settings, or "
+                       f"start a new run in another --output_dir")
+    return merged
+
+
+def _either(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
 # ----------------------------------------------------------------------------- entry point
 
-def run(args):
-    model_dir, data, out = args.model, args.data, args.output_dir
-    if not os.path.isdir(model_dir):
-        raise CLIError(f"{model_dir}: model folder not found")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CLIError(f"{model_dir}: no config.json (not a saved Hugging Face model folder)")
-    if not os.path.isfile(data):
-        raise CLIError(f"{data}: data file not found")
-    for name in ("batch_size", "grad_accum", "save_steps", "logging_steps",
-                 "steps_per_old_policy"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+def main(argv):
+    try:
+        parser = build_parser()
+    except ImportError as err:
+        raise CLIError(f"psft train needs transformers ({err}); pip install 'psft_ext[demo]'")
+    namespace = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    values = vars(namespace)
+    # Absolute, so that a resume from another folder finds them and compares them rightly.
+    for name in ("model_name_or_path", "train_file", "eval_file"):
+        if values[name] is not None:
+            values[name] = os.path.abspath(values[name])
+    out = values["output_dir"]
+    if not out:
+        raise CLIError("--output_dir is required (checkpoints go to OUTPUT_DIR/checkpoints, the "
+                       "finished model to OUTPUT_DIR/final)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--output_dir {out} exists and is not a folder")
     final = os.path.join(out, FINAL)
     ckpt_dir = os.path.join(out, CHECKPOINTS)
     if os.path.exists(final):
-        raise CLIError(f"{final} already holds a finished run; choose another --output-dir")
-    last = None
-    if args.resume:
-        last = _last_checkpoint(ckpt_dir)
-        if last is None:
-            raise CLIError(f"--resume: no checkpoint in {ckpt_dir}")
+        raise CLIError(f"{final} already holds a finished run; choose another --output_dir")
+    checkpoint = None
+    if values["resume_from_checkpoint"]:
+        checkpoint = find_checkpoint(values["resume_from_checkpoint"], ckpt_dir)
+        values = restore(values, given, read_settings(checkpoint), checkpoint)
     elif os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise CLIError(f"{ckpt_dir} holds checkpoints of an unfinished run: pass --resume to "
-                       f"continue it, or choose another --output-dir")
+        raise CLIError(f"{ckpt_dir} holds checkpoints of an unfinished run: pass "
+                       f"--resume_from_checkpoint last to continue it, or choose another "
+                       f"--output_dir")
+    for name in ("model_name_or_path", "train_file"):
+        if values[name] is None:
+            raise CLIError(f"--{name} is required")
+    _check_values(values, given)
+    model_dir, data = values["model_name_or_path"], values["train_file"]
+    if not os.path.isdir(model_dir):
+        raise CLIError(f"{model_dir}: model folder not found (--model_name_or_path)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CLIError(f"{model_dir}: no config.json (not a saved Hugging Face model folder)")
+    if not os.path.isfile(data):
+        raise CLIError(f"{data}: data file not found (--train_file)")
+    if values["eval_file"] is not None and not os.path.isfile(values["eval_file"]):
+        raise CLIError(f"{values['eval_file']}: data file not found (--eval_file)")
+    script, config = make_arguments(values, given, ckpt_dir, checkpoint)
+    settings = {k: _jsonable(v) for k, v in values.items()
+                if k not in NOT_RESTORED and not k.endswith("_token")}
+    return train(script, config, settings, out, checkpoint)
 
+
+def make_arguments(values, given, ckpt_dir, checkpoint):
+    """ScriptArguments and PSFTConfig from the settings; what the Trainer's own checks reject is
+    a one-line error too."""
+    from ..integrations.transformers import PSFTConfig
+    names = {f.name for f in dataclasses.fields(ScriptArguments)}
+    script = ScriptArguments(**{k: v for k, v in values.items() if k in names})
+    kwargs = {k: v for k, v in values.items() if k not in names}
+    kwargs.update(output_dir=ckpt_dir, resume_from_checkpoint=checkpoint)
+    if script.loss == "sft":
+        kwargs["steps_per_old_policy"] = 1
+    if "disable_tqdm" not in given:
+        kwargs["disable_tqdm"] = not sys.stderr.isatty()
     try:
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise CLIError(f"psft train needs transformers ({err}); pip install 'psft_ext[demo]'")
-    show = not args.no_progress and sys.stderr.isatty()
-    if not show:
+        config = PSFTConfig(**kwargs)
+    except (ValueError, TypeError, NotImplementedError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"invalid training arguments: {first}")
+    return script, config
+
+
+def train(script, config, settings, out, checkpoint):
+    model_dir, data = script.model_name_or_path, script.train_file
+    if config.disable_tqdm:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # the weight-loading bar too
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir)
-    max_length = args.max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    max_length = script.max_length or getattr(model.config, "max_position_embeddings",
+                                              None) or 2048
     examples = load_examples(data, tok, max_length)
+    eval_examples = None
+    if script.eval_file is not None:
+        eval_examples = load_examples(script.eval_file, tok, max_length)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (
         tok.eos_token_id if tok.eos_token_id is not None else 0)
 
-    import torch
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from ..integrations.transformers import PSFTConfig, PSFTTrainer
-    config = PSFTConfig(
-        output_dir=ckpt_dir,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup",  # the authors' recipe: warm-up, then constant
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        bf16=args.bf16,
-        report_to="none",
-        disable_tqdm=not show,
-        remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        clip_low=args.clip_low,
-        clip_high=args.clip_high,
-        steps_per_old_policy=1 if args.loss == "sft" else args.steps_per_old_policy,
-    )
+    from ..integrations.transformers import PSFTTrainer
+
+    class Trainer(PSFTTrainer):
+        def _save_checkpoint(self, model, trial):
+            # The settings go in before the Trainer's files, so every checkpoint can be resumed
+            # with them.
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            write_json_atomic(os.path.join(folder, SETTINGS_FILE),
+                              dict(format=SETTINGS_FORMAT, settings=settings))
+            return super()._save_checkpoint(model, trial)
+
     callback = _postfix_callback()
-    trainer = PSFTTrainer(model=model, args=config, train_dataset=examples,
-                          data_collator=Collator(pad_id), callbacks=[callback])
+    try:
+        trainer = Trainer(model=model, args=config, train_dataset=examples,
+                          eval_dataset=eval_examples, data_collator=Collator(pad_id),
+                          processing_class=tok, callbacks=[callback])
+    except ValueError as err:  # a combination of Trainer flags that the Trainer itself refuses
+        raise CLIError(f"invalid training arguments: {str(err).strip().splitlines()[0]}")
     callback.handler = trainer.callback_handler
-    result = trainer.train(resume_from_checkpoint=last)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    evaluation = trainer.evaluate() if eval_examples is not None else None
 
+    final = os.path.join(out, FINAL)
     tmp = f"{final}.partial-{os.getpid()}"
     try:
-        trainer.save_model(tmp)
-        tok.save_pretrained(tmp)
+        trainer.save_model(tmp)  # the model and, as the processing class, the tokenizer
         metrics = dict(
-            loss=args.loss,
+            loss=script.loss,
             model=os.path.abspath(model_dir),
             data=os.path.abspath(data),
             examples=len(examples),
             hyperparameters=dict(
-                clip_low=args.clip_low, clip_high=args.clip_high,
-                steps_per_old_policy=config.steps_per_old_policy, lr=args.lr,
-                batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs,
-                max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed),
+                clip_low=config.clip_low, clip_high=config.clip_high,
+                steps_per_old_policy=config.steps_per_old_policy,
+                learning_rate=config.learning_rate,
+                lr_scheduler_type=str(getattr(config.lr_scheduler_type, "value",
+                                              config.lr_scheduler_type)),
+                per_device_train_batch_size=config.per_device_train_batch_size,
+                gradient_accumulation_steps=config.gradient_accumulation_steps,
+                num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
+                warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                max_grad_norm=config.max_grad_norm, seed=config.seed),
+            settings=settings,
             global_step=trainer.state.global_step,
-            resumed_from=None if last is None else os.path.abspath(last),
+            resumed_from=None if checkpoint is None else os.path.abspath(checkpoint),
             train=result.metrics,
+            eval=evaluation,
             log_history=trainer.state.log_history,
         )
         write_json_atomic(os.path.join(tmp, "metrics.json"), metrics)
@@ -310,9 +631,10 @@ def run(args):
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     last_log = next((r for r in reversed(trainer.state.log_history) if "entropy" in r), {})
-    print(f"trained {trainer.state.global_step} steps ({args.loss}); "
-          + ", ".join(f"{k} {last_log[k]:.4g}" for k in ("nll", "entropy", "clip_fraction")
-                      if k in last_log))
+    logged = ", ".join(f"{k} {last_log[k]:.4g}" for k in ("nll", "entropy", "clip_fraction")
+                       if k in last_log)
+    print(f"trained {trainer.state.global_step} steps ({script.loss})"
+          + (f"; last logged: {logged}" if logged else ""))
     print(f"wrote {final} (model, tokenizer, metrics.json)")
     return 0
 
