@@ -8,6 +8,8 @@ peak memory, of
   - psft_linear:  psft_ext.linear_token_logprobs(..., with_entropy=True)     (this project)
   - verl_torch:   verl's FusedLinearForPPO, "torch" backend, 512-row chunks  (where installed)
   - verl_liger:   verl's FusedLinearForPPO, "liger" backend                  (CUDA, Liger installed)
+  - liger_linear: Liger-Kernel's fused linear cross entropy with entropy, called as verl calls
+                  it, without verl                                          (Liger installed)
   - plain_linear: hidden @ weight.T, then log_softmax / gather / entropy in eager PyTorch
   logits form (from logits that already exist; their gradient):
   - psft_logits:  psft_ext.token_logprobs(..., with_entropy=True)
@@ -81,6 +83,21 @@ def make_verl(backend):
     def verl_linear(hidden, weight, targets):
         return module(hidden, weight, targets.clamp(min=0), TEMPERATURE)
     return verl_linear
+
+
+def make_liger():
+    """Liger-Kernel's fused linear cross entropy with entropy, called as verl's "liger" backend
+    calls it (ignore_index -100, its log-probs the negated losses)."""
+    try:
+        from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction as liger_fn
+    except Exception as exc:  # noqa: BLE001
+        print(f"# liger_linear: not available ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+    def liger_linear(hidden, weight, targets):
+        nll, entropy = liger_fn.apply(hidden, weight, targets, TEMPERATURE, -100, 1, True)
+        return -nll, entropy
+    return liger_linear
 
 
 def make_inputs(n, hidden_size, vocab, dtype, device, seed=0):
@@ -175,6 +192,7 @@ def main(argv=None):
         "psft_linear": lambda: ("linear", psft_linear),
         "verl_torch": lambda: ("linear", make_verl("torch")),
         "verl_liger": lambda: ("linear", make_verl("liger")),
+        "liger_linear": lambda: ("linear", make_liger()),
         "plain_linear": lambda: ("linear", plain_linear),
         "psft_logits": lambda: ("logits", psft_logits),
         "plain_logits": lambda: ("logits", plain_logprobs),
@@ -190,6 +208,7 @@ def main(argv=None):
 
     env = environment(device)
     print_header(env, dtype)
+    print(markdown_table([]), flush=True)  # the header once; each shape's rows follow it
     rows = []
     for i, (n, hidden_size, vocab) in enumerate(shapes):
         t0 = time.perf_counter()
@@ -200,8 +219,6 @@ def main(argv=None):
               f"  <!-- {time.perf_counter() - t0:.0f}s -->", flush=True)
         write_json(args.json, i + 1 == len(shapes), environment=env, dtype=str(dtype), reps=reps,
                    temperature=TEMPERATURE, rows=rows)
-    print()
-    print(markdown_table(rows))
     return rows
 
 

@@ -104,6 +104,12 @@ if [ -f benchmarks/bench_linear.py ]; then
   tail -20 "$OUT/bench_linear_cuda.md"
 fi
 
+log "bench_logprobs (differentiable log-probs + entropy; verl / Liger where installed)"
+timed bench_logprobs "${BENCH_LOGPROBS_TIMEOUT:-150}" 20 python3 benchmarks/bench_logprobs.py \
+  --device cuda --json "$OUT/bench_logprobs_cuda.json" >"$OUT/bench_logprobs_cuda.md" 2>&1
+log "bench_logprobs exit $?"
+tail -12 "$OUT/bench_logprobs_cuda.md"
+
 log "bench_overhead (fixed cost per call, tiny shapes)"
 timed bench_overhead 60 0 python3 benchmarks/bench_overhead.py --device cuda --trials 7 \
   --json "$OUT/bench_overhead_cuda.json" >"$OUT/bench_overhead_cuda.md" 2>&1

@@ -79,3 +79,25 @@ def test_linear_chunk_rows_per_contender(bench, monkeypatch):
     assert chunks == {"matmuls (floor)": None, "fused_linear": 6, "fused_linear_lowacc": 3,
                       "mat+fused": None}
     assert rows[1]["chunk_bytes"] == 6 * 19 * 2
+
+
+def test_logprobs_benchmark_runs_and_compares(tmp_path):
+    """bench_logprobs end to end at a tiny shape: every installed contender has a row with a
+    time, the ratios are against psft_ext's row of the same form, and the JSON is complete."""
+    import json
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_logprobs
+    finally:
+        sys.path.remove(BENCH)
+    out = tmp_path / "r.json"
+    rows = bench_logprobs.main(["--device", "cpu", "--shapes", "16x8x50", "--reps", "1",
+                                "--warmup", "0", "--no-memory", "--json", str(out)])
+    names = {r["name"] for r in rows}
+    assert {"psft_linear", "plain_linear", "psft_logits", "plain_logits"} <= names
+    base = {r["form"]: r["fwdbwd_s"] for r in rows if r["name"].startswith("psft")}
+    for r in rows:
+        assert "error" not in r and r["fwdbwd_s"] > 0
+        assert r["time_vs_psft"] == pytest.approx(r["fwdbwd_s"] / base[r["form"]])
+    data = json.loads(out.read_text())
+    assert data["complete"] and len(data["rows"]) == len(rows)
