@@ -36,13 +36,16 @@ struct BackwardArgs {
   at::Tensor grad;          // dense (N, V), written; may be the logits themselves
 };
 
-// The options' pass over the forward's stats (psft_math.h, apply_token_options): rewrites the
-// loss, ratio, clipped and coef rows of the valid tokens and writes the ent_coef row.
+// The options' pass over the forward's stats (psft_math.h, token_pass): rewrites the loss, ratio,
+// clipped and coef rows of the valid tokens and writes the ent_coef row. With from_logp the
+// policy-gradient values are formed from the stats' logp row (and old) first, and ignored tokens'
+// values are zeroed.
 struct TokenOptionsArgs {
   at::Tensor targets;  // as ForwardArgs
   at::Tensor stats;    // (kTokenStats, N) float32, contiguous
   // (N,) float32 contiguous, or undefined:
-  at::Tensor adv, is_weights, ref_logprobs, seq_log_ratio;
+  at::Tensor old, adv, is_weights, ref_logprobs, seq_log_ratio;
+  bool from_logp = false;
   LossParams params;
 };
 

@@ -88,11 +88,12 @@ constexpr const char* kTokenInputNames[kTokenInputs] = {
 //   (coef * (p_j - [j == y]) + ent_coef * p_j * (log p_j + entropy)) / tau
 // with p = softmax(x): coef and ent_coef carry the reduction's weight (the mean's 1 / denominator)
 // and the options' terms, so a backward from these stats needs only the upstream gradient.
-// correct is 1 where the target attains the row's maximum (token accuracy).
+// correct is 1 where the target attains the row's maximum (token accuracy); max is that maximum
+// (of x = z / tau), which a vocabulary-parallel caller combines over the slices.
 enum TokenStat : int { kLoss, kLogp, kEntropy, kRatio, kLogRatio, kClipped, kLse, kCoef,
-                       kCorrect, kEntCoef, kTokenStats };
+                       kCorrect, kMax, kEntCoef, kTokenStats };
 constexpr const char* kTokenStatNames[kTokenStats] = {
-    "loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef", "correct",
+    "loss", "logp", "entropy", "ratio", "log_ratio", "clipped", "lse", "coef", "correct", "max",
     "ent_coef"};
 
 // The metrics of one call (psft_ext.PSFTMetrics): token means over the non-ignored tokens of
@@ -221,6 +222,37 @@ PSFT_HD float apply_token_options(TokenLoss& t, float logp, float entropy, const
     t.log_ratio = token_log_ratio;
   }
   return add_option_terms(t, logp, entropy, in.is_weight, in.has_ref, in.ref_logp, p);
+}
+
+// One token of the options' pass over the (kTokenStats, n) stats, column r (both devices run
+// this). Its policy-gradient values are the forward's, or, with from_logp, formed here from the
+// stats' log-prob (for a caller that combined the log-probs itself: the vocabulary-parallel
+// loss); then the options' terms. An ignored token's values are all 0.
+PSFT_HD void token_pass(float* s, int64_t n, int64_t r, bool ignored, bool from_logp,
+                        const float* old_logprobs, const OptionInputs& in, const LossParams& p) {
+  if (ignored) {
+    if (from_logp) {
+      for (int k = 0; k < kTokenStats; ++k) s[k * n + r] = 0.0f;
+    } else {
+      s[kEntCoef * n + r] = 0.0f;
+    }
+    return;
+  }
+  const float logp = s[kLogp * n + r];
+  TokenLoss t;
+  if (from_logp) {
+    t = token_loss(logp, old_logprobs != nullptr ? old_logprobs[r] : logp, in.adv, p);
+    s[kLogRatio * n + r] = t.log_ratio;
+  } else {
+    t = {s[kLoss * n + r], s[kRatio * n + r], s[kLogRatio * n + r], s[kCoef * n + r],
+         s[kClipped * n + r]};
+  }
+  const float ent_coef = apply_token_options(t, logp, s[kEntropy * n + r], in, p);
+  s[kLoss * n + r] = t.loss;
+  s[kRatio * n + r] = t.ratio;
+  s[kClipped * n + r] = t.clipped;
+  s[kCoef * n + r] = t.coef;
+  s[kEntCoef * n + r] = ent_coef;
 }
 
 // Running softmax statistics of a set of scaled logits x, kept relative to their maximum m:

@@ -1,7 +1,8 @@
 // The psft_ext op library: its schemas, build_info, and the Python module stub.
 //
-// Five ops: the loss over logits (psft_fwd, with its backward psft_bwd and the in-place rescale
-// scale_rows_) and the fused linear loss (linear_fwd, linear_bwd). The logits ops' kernels are in
+// Six ops: the loss over logits (psft_fwd, with its backward psft_bwd and the in-place rescale
+// scale_rows_), the fused linear loss (linear_fwd, linear_bwd), and the token stage alone
+// (psft_tokens, for the vocabulary-parallel loss). The logits ops' kernels are in
 // csrc/psft_ops_impl.cpp, the linear ops' chunk loops in Python (psft_ext/linear/ops.py), which
 // also registers their fake kernels (the logits ops': psft_ext/_ops.py). psft_fwd and linear_fwd
 // are differentiable (csrc/psft_autograd.cpp).
@@ -78,10 +79,20 @@ TORCH_LIBRARY(psft_ext, m) {
       "bool with_logprobs, Tensor(a!)? grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad = (scale * (p - onehot) + ent_scale * p * (log p + entropy)) / tau per row, from the
   // forward's stats (lse, entropy); ent_scale may be absent. grad: dense (N, V), the logits' dtype;
-  // may be the logits themselves.
+  // may be the logits themselves. A target outside [0, V) has no one-hot term (the row's target is
+  // in another rank's vocabulary slice).
   m.def(
       "psft_bwd(Tensor scale, Tensor? ent_scale, Tensor logits, Tensor targets, Tensor stats, "
       "float[] params, int ignore_index, Tensor(a!) grad) -> ()");
+  // The token stage of psft_fwd on per-token stats the caller formed (the vocabulary-parallel
+  // loss, from the slices' combined statistics): stats (kTokenStats, N) float32 with the rows
+  // logp, entropy, lse, correct and max filled in; the others are formed here (the policy
+  // gradient, the options, the reduction's weights), as psft_fwd forms them. Returns (loss,
+  // metrics, stats) as psft_fwd.
+  m.def(
+      "psft_tokens(Tensor stats, Tensor targets, Tensor?[] token_inputs, float[] params, "
+      "int ignore_index, int seq_len, Tensor? num_items, float num_items_value, "
+      "bool with_metrics) -> (Tensor, Tensor, Tensor)");
   // grad[r, :] *= factor[r] in place, for the rows whose factor is not exactly 1 (the others are
   // not touched: scaling by the usual upstream gradient of 1 costs no pass over the gradient).
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");

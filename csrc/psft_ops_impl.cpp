@@ -278,6 +278,90 @@ Tensor sequence_log_ratio(const Tensor& stats, const Tensor& old, const Tensor& 
   return per_seq.unsqueeze(1).expand({seqs, seq_len}).reshape({n}).contiguous();
 }
 
+// A call's optional per-token inputs, checked against `like` (the logits, or the targets of a
+// call without logits) and laid out contiguously (undefined where absent).
+struct TokenInputs {
+  Tensor t[kTokenInputs];
+
+  TokenInputs(const c10::List<OptTensor>& token_inputs, const Tensor& like, const char* op) {
+    TORCH_CHECK_VALUE(token_inputs.size() == kTokenInputs, op, ": token_inputs must list ",
+                      str_of(int64_t{kTokenInputs}), " optional tensors, got ",
+                      str_of(static_cast<int64_t>(token_inputs.size())));
+    for (int k = 0; k < kTokenInputs; ++k) {
+      const OptTensor in = token_inputs.get(k);
+      check_per_token(in, like, kTokenInputNames[k], op);
+      if (in.has_value()) t[k] = in->contiguous();
+    }
+  }
+
+  const Tensor& operator[](int k) const { return t[k]; }
+};
+
+void check_num_items(const OptTensor& num_items, double num_items_value, const Tensor& like,
+                     const char* op) {
+  if (num_items.has_value()) {
+    TORCH_CHECK_VALUE(num_items->numel() == 1, op, ": num_items must hold one value, got shape ",
+                      str_of(num_items->sizes()));
+    TORCH_CHECK_TYPE(num_items->scalar_type() != at::kBool && !num_items->is_complex(), op,
+                     ": num_items must be a real number, got ", str_of(num_items->scalar_type()));
+    TORCH_CHECK_VALUE(num_items->device() == like.device() || num_items->is_cpu(), op,
+                      ": num_items is on ", str_of(num_items->device()), " but logits are on ",
+                      str_of(like.device()));
+  }
+  TORCH_CHECK_VALUE(num_items_value >= 0.0 && std::isfinite(num_items_value), op,
+                    ": num_items_value must be finite and >= 0 (0: the token count), got ",
+                    str_of(num_items_value));
+}
+
+// Whether a call has options (terms beyond the policy gradient of token_loss, or its ratio per
+// sequence), after the checks that tie them to the other arguments.
+bool has_options(const TokenInputs& in, const LossParams& p, int64_t n, int64_t seq_len,
+                 const char* op) {
+  TORCH_CHECK_VALUE(!in[kTokenWeights].defined() || p.reduction != kReduceNone, op,
+                    ": token_weights weigh a reduced loss; reduction is 'none'");
+  const bool gspo = p.importance_sampling == kSequenceLevel;
+  if (gspo && !in[kSeqLogRatio].defined()) {
+    TORCH_CHECK_VALUE(seq_len > 0 && n % seq_len == 0, op,
+                      ": importance_sampling='sequence' needs the rows as sequences of seq_len "
+                      "tokens; got seq_len ", str_of(seq_len), " for ", str_of(n), " rows");
+  }
+  return in[kRolloutIsWeights].defined() || (in[kRefLogprobs].defined() && p.kl_coef != 0.0f) ||
+         p.entropy_coef != 0.0f || gspo;
+}
+
+// The token stage over a call's stats: the options' pass (GSPO's sequence ratios first), or with
+// from_logp the policy-gradient values formed from the stats' log-probs too; then the reduction's
+// weights on the gradient coefficients. Returns the loss.
+Tensor token_stage(const Tensor& stats, const Tensor& targets, const TokenInputs& in,
+                   const LossParams& p, int64_t ignore_index, int64_t seq_len,
+                   const Reducer& reducer, bool options, bool from_logp) {
+  const Tensor ent_coef = stats[kEntCoef];
+  if (options || from_logp) {
+    const bool gspo = p.importance_sampling == kSequenceLevel;
+    Tensor seq_log_ratio = in[kSeqLogRatio];
+    if (gspo && !seq_log_ratio.defined()) {
+      seq_log_ratio = sequence_log_ratio(stats, in[kOldLogprobs], targets, ignore_index, seq_len,
+                                         reducer.host);
+    }
+    TokenOptionsArgs o;
+    o.targets = targets;
+    o.stats = stats;
+    o.old = in[kOldLogprobs];
+    o.adv = in[kAdvantages];
+    o.is_weights = in[kRolloutIsWeights];
+    o.ref_logprobs = p.kl_coef != 0.0f ? in[kRefLogprobs] : Tensor();
+    o.seq_log_ratio = gspo ? seq_log_ratio : Tensor();
+    o.from_logp = from_logp;
+    o.params = p;
+    token_options_kernels(o);
+  } else {
+    ent_coef.zero_();
+  }
+  reducer.weigh(stats[kCoef]);
+  if (p.entropy_coef != 0.0f) reducer.weigh(ent_coef);
+  return reducer.reduce(stats[kLoss]);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> psft_fwd(
     const Tensor& logits_in, const Tensor& targets_in, const c10::List<OptTensor>& token_inputs,
     c10::ArrayRef<double> params_in, int64_t ignore_index, int64_t seq_len,
@@ -285,26 +369,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> psft_fwd(
     const OptTensor& grad) {
   const char* op = "psft_fwd";
   check_logits_and_targets(logits_in, targets_in, ignore_index, op);
-  TORCH_CHECK_VALUE(token_inputs.size() == kTokenInputs, op, ": token_inputs must list ",
-                    str_of(int64_t{kTokenInputs}), " optional tensors, got ",
-                    str_of(static_cast<int64_t>(token_inputs.size())));
-  OptTensor in[kTokenInputs];
-  for (int k = 0; k < kTokenInputs; ++k) {
-    in[k] = token_inputs.get(k);
-    check_per_token(in[k], logits_in, kTokenInputNames[k], op);
-  }
-  if (num_items.has_value()) {
-    TORCH_CHECK_VALUE(num_items->numel() == 1, op, ": num_items must hold one value, got shape ",
-                      str_of(num_items->sizes()));
-    TORCH_CHECK_TYPE(num_items->scalar_type() != at::kBool && !num_items->is_complex(), op,
-                     ": num_items must be a real number, got ", str_of(num_items->scalar_type()));
-    TORCH_CHECK_VALUE(num_items->device() == logits_in.device() || num_items->is_cpu(), op,
-                      ": num_items is on ", str_of(num_items->device()), " but logits are on ",
-                      str_of(logits_in.device()));
-  }
-  TORCH_CHECK_VALUE(num_items_value >= 0.0 && std::isfinite(num_items_value), op,
-                    ": num_items_value must be finite and >= 0 (0: the token count), got ",
-                    str_of(num_items_value));
+  const TokenInputs in(token_inputs, logits_in, op);
+  check_num_items(num_items, num_items_value, logits_in, op);
   if (grad.has_value()) check_grad_output(*grad, logits_in, op);
 
   ForwardArgs a;
@@ -313,56 +379,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> psft_fwd(
   a.logits = rows_with_unit_stride(logits_in);
   a.targets = targets_in.contiguous();
   const int64_t n = a.logits.size(0);
-  auto contiguous = [](const OptTensor& t) { return t.has_value() ? t->contiguous() : Tensor(); };
-  a.old = contiguous(in[kOldLogprobs]);
-  a.adv = contiguous(in[kAdvantages]);
-  const Tensor is_weights = contiguous(in[kRolloutIsWeights]);
-  const Tensor ref = contiguous(in[kRefLogprobs]);
-  const Tensor token_weights = contiguous(in[kTokenWeights]);
-  Tensor seq_log_ratio = contiguous(in[kSeqLogRatio]);
-
-  TORCH_CHECK_VALUE(!token_weights.defined() || p.reduction != kReduceNone, op,
-                    ": token_weights weigh a reduced loss; reduction is 'none'");
-  const bool gspo = p.importance_sampling == kSequenceLevel;
-  if (gspo && !seq_log_ratio.defined()) {
-    TORCH_CHECK_VALUE(seq_len > 0 && n % seq_len == 0, op,
-                      ": importance_sampling='sequence' needs the rows as sequences of seq_len "
-                      "tokens; got seq_len ", str_of(seq_len), " for ", str_of(n), " rows");
-  }
-  const bool options = is_weights.defined() || (ref.defined() && p.kl_coef != 0.0f) ||
-                       p.entropy_coef != 0.0f || gspo;
+  a.old = in[kOldLogprobs];
+  a.adv = in[kAdvantages];
+  const bool options = has_options(in, p, n, seq_len, op);
 
   a.stats = at::empty({kTokenStats, n}, a.logits.options().dtype(at::kFloat));
-  const Reducer reducer(a.targets, ignore_index, p, num_items, num_items_value, token_weights,
-                        with_metrics || !token_weights.defined());
+  const Reducer reducer(a.targets, ignore_index, p, num_items, num_items_value,
+                        in[kTokenWeights], with_metrics || !in[kTokenWeights].defined());
   const bool fast = !options && reducer.uniform();
   if (fast && grad.has_value()) {
     a.grad = *grad;
     a.weights = reducer.uniform_weights(a.stats);
   }
   forward_kernels(a);
-  const Tensor ent_coef = a.stats[kEntCoef];
-  if (options) {
-    if (gspo && !seq_log_ratio.defined()) {
-      seq_log_ratio = sequence_log_ratio(a.stats, a.old, a.targets, ignore_index, seq_len,
-                                         reducer.host);
-    }
-    TokenOptionsArgs o;
-    o.targets = a.targets;
-    o.stats = a.stats;
-    o.adv = a.adv;
-    o.is_weights = is_weights;
-    o.ref_logprobs = p.kl_coef != 0.0f ? ref : Tensor();
-    o.seq_log_ratio = gspo ? seq_log_ratio : Tensor();
-    o.params = p;
-    token_options_kernels(o);
-  } else {
-    ent_coef.zero_();
-  }
-  reducer.weigh(a.stats[kCoef]);
-  if (p.entropy_coef != 0.0f) reducer.weigh(ent_coef);
-
-  const Tensor loss = reducer.reduce(a.stats[kLoss]);
+  const Tensor loss = token_stage(a.stats, a.targets, in, p, ignore_index, seq_len, reducer,
+                                  options, false);
   if (!fast && grad.has_value()) {
     BackwardArgs b;
     b.logits = a.logits;
@@ -370,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> psft_fwd(
     b.lse = a.stats[kLse];
     b.entropy = a.stats[kEntropy];
     b.scale = a.stats[kCoef];
-    if (p.entropy_coef != 0.0f) b.ent_scale = ent_coef;
+    if (p.entropy_coef != 0.0f) b.ent_scale = a.stats[kEntCoef];
     b.params = p;
     b.grad = *grad;
     backward_kernels(b);
@@ -383,11 +414,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> psft_fwd(
   return {loss, logp, entropy, metrics, a.stats};
 }
 
+std::tuple<Tensor, Tensor, Tensor> psft_tokens(
+    const Tensor& stats_in, const Tensor& targets_in, const c10::List<OptTensor>& token_inputs,
+    c10::ArrayRef<double> params_in, int64_t ignore_index, int64_t seq_len,
+    const OptTensor& num_items, double num_items_value, bool with_metrics) {
+  const char* op = "psft_tokens";
+  TORCH_CHECK_VALUE(targets_in.dim() == 1, op, ": targets must be 1-D (N,), got shape ",
+                    str_of(targets_in.sizes()));
+  TORCH_CHECK_TYPE(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
+                   op, ": targets must be int64 or int32, got ",
+                   str_of(targets_in.scalar_type()));
+  check_stats(stats_in, targets_in, op);
+  const TokenInputs in(token_inputs, targets_in, op);
+  check_num_items(num_items, num_items_value, targets_in, op);
+  const LossParams p = checked_params(params_in, ignore_index, op);
+  const Tensor targets = targets_in.contiguous();
+  const int64_t n = targets.size(0);
+  has_options(in, p, n, seq_len, op);
+  const Tensor stats = stats_in.clone(at::MemoryFormat::Contiguous);
+  const Reducer reducer(targets, ignore_index, p, num_items, num_items_value, in[kTokenWeights],
+                        with_metrics || !in[kTokenWeights].defined());
+  const Tensor loss = token_stage(stats, targets, in, p, ignore_index, seq_len, reducer, true,
+                                  true);
+  const Tensor metrics = with_metrics ? metrics_of(stats, in[kAdvantages], p.advantage, reducer)
+                                      : at::empty({0}, stats.options());
+  return {loss, metrics, stats};
+}
+
 void psft_bwd(const Tensor& scale, const OptTensor& ent_scale, const Tensor& logits_in,
               const Tensor& targets, const Tensor& stats, c10::ArrayRef<double> params,
               int64_t ignore_index, const Tensor& grad) {
   const char* op = "psft_bwd";
-  // The forward checked the targets' range; the kernels never read outside a row anyway.
+  // The forward checked the targets' range. A target outside [0, V) (not ignore_index) has no
+  // one-hot term: the vocabulary-parallel loss's rows whose target is in another slice.
   check_logits_and_targets_layout(logits_in, targets, op);
   check_per_token(scale, logits_in, "scale", op);
   check_per_token(ent_scale, logits_in, "ent_scale", op);
@@ -419,6 +478,7 @@ void scale_rows_(const Tensor& grad, const Tensor& factor) {
 TORCH_LIBRARY_IMPL(psft_ext, CPU, m) {
   m.impl("psft_fwd", &psft::psft_fwd);
   m.impl("psft_bwd", &psft::psft_bwd);
+  m.impl("psft_tokens", &psft::psft_tokens);
   m.impl("scale_rows_", &psft::scale_rows_);
 }
 
@@ -426,6 +486,7 @@ TORCH_LIBRARY_IMPL(psft_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(psft_ext, CUDA, m) {
   m.impl("psft_fwd", &psft::psft_fwd);
   m.impl("psft_bwd", &psft::psft_bwd);
+  m.impl("psft_tokens", &psft::psft_tokens);
   m.impl("scale_rows_", &psft::scale_rows_);
 }
 #endif

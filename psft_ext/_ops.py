@@ -3,8 +3,9 @@
 The C++ library (csrc/psft_ops.cpp) defines the ops in the ``psft_ext`` namespace: ``psft_fwd``
 (the loss, the per-token log-probs and entropies, the metrics and per-token stats, and optionally
 the gradient written in the same pass), ``psft_bwd`` (the gradient from the forward's stats),
-``scale_rows_``, and the fused linear pair ``linear_fwd`` / ``linear_bwd`` (implemented in
-psft_ext/linear/ops.py). The fake kernels registered here let ``torch.compile`` trace the callers
+``scale_rows_``, the fused linear pair ``linear_fwd`` / ``linear_bwd`` (implemented in
+psft_ext/linear/ops.py), and ``psft_tokens`` (psft_fwd's token stage on stats the caller formed:
+the vocabulary-parallel loss). The fake kernels registered here let ``torch.compile`` trace the callers
 without graph breaks and ``torch.library.opcheck`` verify the ops.
 
 The layouts both sides rely on are defined once, in csrc/psft_math.h, and read from the library
@@ -70,6 +71,13 @@ def _psft_fwd_fake(logits, targets, token_inputs, params, ignore_index, seq_len,
 @torch.library.register_fake("psft_ext::psft_bwd")
 def _psft_bwd_fake(scale, ent_scale, logits, targets, stats, params, ignore_index, grad):
     return None
+
+
+@torch.library.register_fake("psft_ext::psft_tokens")
+def _psft_tokens_fake(stats, targets, token_inputs, params, ignore_index, seq_len, num_items,
+                      num_items_value, with_metrics):
+    loss, _, _, metrics, out = forward_fakes(stats, targets.shape[0], params, with_metrics, False)
+    return loss, metrics, out
 
 
 @torch.library.register_fake("psft_ext::scale_rows_")

@@ -11,7 +11,9 @@ LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
-def check_logits_targets(logits, targets, fn):
+def check_logits_targets(logits, targets, fn, sliced=False):
+    """``sliced``: the logits are a rank's slice of a vocabulary-parallel call, which may be
+    empty."""
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"{fn}: logits and targets must be tensors")
     if logits.dtype not in LOGITS_DTYPES:
@@ -21,7 +23,7 @@ def check_logits_targets(logits, targets, fn):
     check_targets(targets, logits.shape[:-1], "logits", fn)
     if targets.device != logits.device:
         raise ValueError(f"{fn}: targets are on {targets.device} but logits are on {logits.device}")
-    if logits.shape[-1] == 0 and targets.numel() > 0:
+    if logits.shape[-1] == 0 and targets.numel() > 0 and not sliced:
         raise ValueError(f"{fn}: logits have an empty vocabulary dimension")
 
 

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import vocab_parallel
 from ._ops import ops
 from .arguments import as_rows, check_logits_targets, flat_targets
 from .metrics import PSFTMetrics
@@ -18,15 +19,26 @@ from .token_inputs import loss_inputs, no_token_inputs
 
 def logits_loss(logits, targets, old_logprobs, params: LossParams, advantages=1.0,
                 num_items=None, return_metrics=False, fn="psft_loss", *,
-                rollout_is_weights=None, ref_logprobs=None, inplace=False):
+                rollout_is_weights=None, ref_logprobs=None, inplace=False, process_group=None):
     """:func:`psft_loss` with its options as a :class:`LossParams` (``fn`` names the caller in
     error messages)."""
-    check_logits_targets(logits, targets, fn)
+    logits, group = vocab_parallel.local_shard(logits, -1, process_group, "logits", fn)
+    targets, old_logprobs, advantages, rollout_is_weights, ref_logprobs = (
+        vocab_parallel.replicated(t) for t in (targets, old_logprobs, advantages,
+                                               rollout_is_weights, ref_logprobs))
+    check_logits_targets(logits, targets, fn, sliced=group is not None)
     if not isinstance(inplace, bool):
         raise TypeError(f"{fn}: inplace must be a bool, got {inplace!r}")
     inputs = loss_inputs(params, targets, fn, old_logprobs=old_logprobs, advantages=advantages,
                          rollout_is_weights=rollout_is_weights, ref_logprobs=ref_logprobs,
                          num_items=num_items, device=logits.device)
+    if group is not None:
+        if inplace:
+            raise ValueError(f"{fn}: inplace=True is not available with a vocabulary-parallel "
+                             f"loss (its backward reads the logits)")
+        loss, _, _, metrics = _vocab_parallel(as_rows(logits), targets, inputs, params, group,
+                                              return_metrics, fn)
+        return shaped_result(loss, metrics, targets, params, return_metrics)
     rows = as_rows(logits)
     grad = None
     if inplace and torch.is_grad_enabled() and logits.requires_grad:
@@ -37,11 +49,22 @@ def logits_loss(logits, targets, old_logprobs, params: LossParams, advantages=1.
         rows, flat_targets(targets, params.ignore_index), inputs.token_inputs,
         params.op_args(inputs.advantage), params.ignore_index, inputs.seq_len, inputs.num_items,
         inputs.num_items_value, bool(return_metrics), False, grad)
+    return shaped_result(loss, metrics, targets, params, return_metrics)
+
+
+def shaped_result(loss, metrics, targets, params, return_metrics):
     if params.reduction == "none":
         loss = loss.view(targets.shape)
     if not return_metrics:
         return loss
     return loss, PSFTMetrics(*metrics.unbind())
+
+
+def _vocab_parallel(rows, targets, inputs, params, group, with_metrics, fn):
+    flat = flat_targets(targets, params.ignore_index)
+    slices = vocab_parallel.exchange_layout(group, flat, rows.shape[1], params.ignore_index, fn)
+    call = vocab_parallel.call_of(flat, inputs, params, params.ignore_index, with_metrics)
+    return vocab_parallel.LogitsFunction.apply(rows, call, slices)
 
 
 def psft_loss(
@@ -55,6 +78,7 @@ def psft_loss(
     rollout_is_weights: Optional[torch.Tensor] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
     inplace: bool = False,
+    process_group=None,
     **options,
 ):
     """Fused PSFT / PPO clipped token loss over logits.
@@ -83,6 +107,11 @@ def psft_loss(
         rollout_is_weights: per-token weights broadcastable to ``targets`` scaling each
             token's policy-gradient term (the rollout engine's mismatch correction), or None.
         ref_logprobs: (...) the reference policy's log-probs, with ``kl_coef > 0``.
+        process_group: vocabulary-parallel logits: each rank's ``logits`` are its contiguous
+            slice of the vocabulary (slices in rank order, sizes may differ), ``targets`` global
+            ids, the same on every rank; the loss and the metrics come out the same on every
+            rank, each rank's gradient is its slice's (docs/scaling.md). A DTensor sharded on
+            the last dimension brings its own group.
         inplace: the gradient overwrites the logits (reduction "mean" / "sum", non-float16
             logits that are not a leaf): no memory for it, for loops that do not read the
             logits after the loss. Autograd raises at the backward if another operation saved
@@ -104,7 +133,7 @@ def psft_loss(
     """
     return logits_loss(logits, targets, old_logprobs, loss_params("psft_loss", options),
                        advantages, num_items, return_metrics, rollout_is_weights=rollout_is_weights,
-                       ref_logprobs=ref_logprobs, inplace=inplace)
+                       ref_logprobs=ref_logprobs, inplace=inplace, process_group=process_group)
 
 
 def token_logprobs(
@@ -114,6 +143,7 @@ def token_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    process_group=None,
 ):
     """Fused float32 log-probs of the targets (0 where ignored), without any N x V memory.
 
@@ -121,11 +151,19 @@ def token_logprobs(
     differentiable with respect to the logits (one pass over the logits in the backward, which
     writes only their gradient): any policy loss written in PyTorch on them runs without
     log-softmax buffers. Under ``torch.no_grad()`` (the old policy) nothing is kept.
+    ``process_group``: vocabulary-parallel logits, as in :func:`psft_loss`.
     """
     fn = "token_logprobs"
-    check_logits_targets(logits, targets, fn)
+    logits, group = vocab_parallel.local_shard(logits, -1, process_group, "logits", fn)
+    targets = vocab_parallel.replicated(targets)
+    check_logits_targets(logits, targets, fn, sliced=group is not None)
     params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature,
                                   reduction="none"))
+    if group is not None:
+        inputs = loss_inputs(params, targets, fn, device=logits.device)
+        _, logp, entropy, _ = _vocab_parallel(as_rows(logits), targets, inputs, params, group,
+                                              False, fn)
+        return logprobs_of(logp, entropy, targets.shape, with_entropy)
     _, logp, entropy, _, _ = ops.psft_fwd(
         as_rows(logits), flat_targets(targets, ignore_index), no_token_inputs(), params.op_args(),
         ignore_index, 0, None, 0.0, False, True, None)

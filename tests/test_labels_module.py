@@ -155,11 +155,11 @@ def test_public_api():
                                   "entropy_coef", "kl_coef", "reduction", "importance_sampling",
                                   "advantage")
     assert tuple(_ops.TOKEN_STATS) == ("loss", "logp", "entropy", "ratio", "log_ratio",
-                                       "clipped", "lse", "coef", "correct", "ent_coef")
+                                       "clipped", "lse", "coef", "correct", "max", "ent_coef")
     assert _ops.TOKEN_INPUTS == ("old_logprobs", "advantages", "rollout_is_weights",
                                  "ref_logprobs", "token_weights", "seq_log_ratio")
     assert _ops.REDUCTIONS == ("none", "sum", "mean")
     assert _ops.IMPORTANCE_SAMPLING == ("token", "sequence")
-    for name in ("psft_fwd", "psft_bwd", "scale_rows_", "linear_fwd", "linear_bwd",
-                 "build_info"):
+    for name in ("psft_fwd", "psft_bwd", "psft_tokens", "scale_rows_", "linear_fwd",
+                 "linear_bwd", "build_info"):
         assert hasattr(torch.ops.psft_ext, name), name

@@ -234,6 +234,7 @@ void forward_row(const T* row, int64_t vocab, int64_t y, int64_t r, int64_t n,
   stats[kLse * n + r] = lse_r;
   stats[kCoef * n + r] = t.coef;
   stats[kCorrect * n + r] = x_y >= st.m ? 1.0f : 0.0f;
+  stats[kMax * n + r] = st.m;
 }
 
 }  // namespace
@@ -320,18 +321,13 @@ void backward(const BackwardArgs& a) {
 void token_options(const TokenOptionsArgs& a) {
   const int64_t n = a.stats.size(1);
   float* s = a.stats.data_ptr<float>();
+  const float* old = optional_data(a.old);
   const float* adv = optional_data(a.adv);
   const float* isw = optional_data(a.is_weights);
   const float* ref = optional_data(a.ref_logprobs);
   const float* seq = optional_data(a.seq_log_ratio);
   const Targets tg = targets_of(a.targets);
   for (int64_t r = 0; r < n; ++r) {
-    if (tg[r] == a.params.ignore_index) {
-      s[kEntCoef * n + r] = 0.0f;
-      continue;
-    }
-    TokenLoss t{s[kLoss * n + r], s[kRatio * n + r], s[kLogRatio * n + r], s[kCoef * n + r],
-                s[kClipped * n + r]};
     OptionInputs in;
     in.adv = adv ? adv[r] : a.params.advantage;
     in.is_weight = isw ? isw[r] : 1.0f;
@@ -339,12 +335,7 @@ void token_options(const TokenOptionsArgs& a) {
     in.ref_logp = ref ? ref[r] : 0.0f;
     in.has_seq_log_ratio = seq != nullptr;
     in.seq_log_ratio = seq ? seq[r] : 0.0f;
-    const float ent = apply_token_options(t, s[kLogp * n + r], s[kEntropy * n + r], in, a.params);
-    s[kLoss * n + r] = t.loss;
-    s[kRatio * n + r] = t.ratio;
-    s[kClipped * n + r] = t.clipped;
-    s[kCoef * n + r] = t.coef;
-    s[kEntCoef * n + r] = ent;
+    token_pass(s, n, r, tg[r] == a.params.ignore_index, a.from_logp, old, in, a.params);
   }
 }
 

@@ -152,11 +152,8 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
       fill_row<T, kThreadsPerRow>(out_row, vocab, 0.0f, lane);
       continue;
     }
-    // Rejected before launch; never read outside the row if one slips through.
-    if (!target_in_range(target, vocab)) {
-      fill_row<T, kThreadsPerRow>(out_row, vocab, NAN, lane);
-      continue;
-    }
+    // A target outside [0, V) has no one-hot term in this row (the vocabulary-parallel loss: the
+    // target lives in another rank's slice); the row is only compared with it, never indexed.
     RowGrad g;
     g.scale = a.scale[row] * a.inv_temperature;
     g.ent_scale = kEntropy ? a.ent_scale[row] * a.inv_temperature : 0.0f;

@@ -57,6 +57,7 @@ ForwardOutputs outputs_of(const at::Tensor& stats) {
   out.lse = base + kLse * n;
   out.coef = base + kCoef * n;
   out.correct = base + kCorrect * n;
+  out.max = base + kMax * n;
   return out;
 }
 
@@ -131,9 +132,11 @@ void token_options(const TokenOptionsArgs& a) {
   const c10::cuda::CUDAGuard device_guard(a.stats.device());
   check_launch(launch_token_options(a.stats.size(1), a.targets.data_ptr(),
                                     a.targets.scalar_type() == at::kInt,
-                                    a.stats.data_ptr<float>(), optional_data(a.adv),
-                                    optional_data(a.is_weights), optional_data(a.ref_logprobs),
-                                    optional_data(a.seq_log_ratio), a.params, current_stream()),
+                                    a.stats.data_ptr<float>(), optional_data(a.old),
+                                    optional_data(a.adv), optional_data(a.is_weights),
+                                    optional_data(a.ref_logprobs),
+                                    optional_data(a.seq_log_ratio), a.from_logp, a.params,
+                                    current_stream()),
                op);
 }
 

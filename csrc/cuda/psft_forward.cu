@@ -68,11 +68,11 @@ __device__ __forceinline__ ThreadStats scan_long_row(const T* row, int64_t vocab
 }
 
 struct RowResult {
-  float loss, logp, entropy, ratio, log_ratio, clipped, lse, coef, correct;
+  float loss, logp, entropy, ratio, log_ratio, clipped, lse, coef, correct, max;
 };
 
 __device__ __forceinline__ RowResult uniform_result(float value) {
-  return {value, value, value, value, value, value, value, value, value};
+  return {value, value, value, value, value, value, value, value, value, value};
 }
 
 __device__ __forceinline__ void write_result(const ForwardOutputs& out, int64_t row,
@@ -86,6 +86,7 @@ __device__ __forceinline__ void write_result(const ForwardOutputs& out, int64_t 
   out.lse[row] = r.lse;
   out.coef[row] = r.coef;
   out.correct[row] = r.correct;
+  out.max[row] = r.max;
 }
 
 // Rows are assigned to row groups of kThreadsPerRow threads with a grid stride; a group larger
@@ -153,6 +154,7 @@ __global__ void __launch_bounds__(kThreadsPerRow* kRowsPerBlock,
     r.coef = t.coef;
     // The target attains the row's maximum: the same x = z / tau rounding on both sides.
     r.correct = __fmul_rn(z_target, params.inv_temperature) >= st.m ? 1.0f : 0.0f;
+    r.max = st.m;
     write_result(out, row, r);
   }
 }
@@ -166,7 +168,8 @@ cudaError_t launch_psft_forward(const Rows& in, const float* old_logprobs,
   if (in.rows < 0 || in.vocab <= 0 || in.logits == nullptr || in.targets == nullptr ||
       out.loss == nullptr || out.logp == nullptr || out.entropy == nullptr ||
       out.ratio == nullptr || out.log_ratio == nullptr || out.clipped == nullptr ||
-      out.lse == nullptr || out.coef == nullptr || out.correct == nullptr) {
+      out.lse == nullptr || out.coef == nullptr || out.correct == nullptr ||
+      out.max == nullptr) {
     return cudaErrorInvalidValue;
   }
   return PSFT_DTYPE_SWITCH(in.dtype, T, [&] {

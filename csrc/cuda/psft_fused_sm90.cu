@@ -262,7 +262,7 @@ __device__ __forceinline__ void fill_slice(T* out_row, const Slice& sl, float va
 
 __device__ __forceinline__ void write_outputs(const ForwardOutputs& out, int64_t row, float loss,
                                               float logp, float entropy, const TokenLoss& t,
-                                              float lse, float correct) {
+                                              float lse, float correct, float max) {
   out.loss[row] = loss;
   out.logp[row] = logp;
   out.entropy[row] = entropy;
@@ -272,12 +272,13 @@ __device__ __forceinline__ void write_outputs(const ForwardOutputs& out, int64_t
   out.lse[row] = lse;
   out.coef[row] = t.coef;
   out.correct[row] = correct;
+  out.max[row] = max;
 }
 
 __device__ __forceinline__ void write_uniform_outputs(const ForwardOutputs& out, int64_t row,
                                                       float value) {
   const TokenLoss t{value, value, value, value, value};
-  write_outputs(out, row, value, value, value, t, value, value);
+  write_outputs(out, row, value, value, value, t, value, value, value);
 }
 
 __device__ __forceinline__ SoftmaxStats shfl_from(const SoftmaxStats& v, int src) {
@@ -370,7 +371,7 @@ __global__ void __launch_bounds__(kFusedThreads, kFusedCtasPerSm)
         // The target attains the row's maximum: the same x = z / tau rounding on both sides.
         const float correct =
             __fmul_rn(target_logit, inv_temperature) >= st.m ? 1.0f : 0.0f;
-        if (rank == 0) write_outputs(a.out, row, t.loss, logp, entropy, t, lse, correct);
+        if (rank == 0) write_outputs(a.out, row, t.loss, logp, entropy, t, lse, correct, st.m);
         row_consts[0] = lse;
         row_consts[1] = grad_loss * t.coef * inv_temperature;
       }
@@ -608,7 +609,7 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
       grad_loss == nullptr || grad_logits == nullptr || out.loss == nullptr ||
       out.logp == nullptr || out.entropy == nullptr || out.ratio == nullptr ||
       out.log_ratio == nullptr || out.clipped == nullptr || out.lse == nullptr ||
-      out.coef == nullptr || out.correct == nullptr) {
+      out.coef == nullptr || out.correct == nullptr || out.max == nullptr) {
     return cudaErrorInvalidValue;
   }
   const FusedArgs args{in, old_logprobs, advantages, params, grad_loss, out, grad_logits,

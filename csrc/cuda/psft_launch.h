@@ -40,6 +40,7 @@ struct ForwardOutputs {
   float* lse;
   float* coef;
   float* correct;
+  float* max;
 };
 
 // Forward of the PSFT loss. old_logprobs / advantages may be null (old = current log-prob,
@@ -72,12 +73,13 @@ cudaError_t launch_psft_forward_backward(const Rows& in, const float* old_logpro
 // launch).
 bool psft_forward_backward_supported(int device, DType dtype, int64_t vocab);
 
-// The options' pass over the forward's stats (psft_math.h, apply_token_options), one thread per
-// token: stats is the (kTokenStats, rows) float32 block; adv, is_weights, ref_logprobs and
+// The options' pass over the forward's stats (psft_math.h, token_pass), one thread per token:
+// stats is the (kTokenStats, rows) float32 block; old, adv, is_weights, ref_logprobs and
 // seq_log_ratio are (rows,) or null.
 cudaError_t launch_token_options(int64_t rows, const void* targets, bool targets_int32,
-                                 float* stats, const float* adv, const float* is_weights,
-                                 const float* ref_logprobs, const float* seq_log_ratio,
+                                 float* stats, const float* old, const float* adv,
+                                 const float* is_weights, const float* ref_logprobs,
+                                 const float* seq_log_ratio, bool from_logp,
                                  const LossParams& params, cudaStream_t stream);
 
 // grad[r, :] *= factor[r * factor_stride] for the rows of a dense (rows x vocab) gradient, in

@@ -7,16 +7,17 @@ from torch import Tensor
 
 from .._ops import ops
 from ..arguments import LOGITS_DTYPES, as_rows, check_targets, flat_targets
-from ..loss import logprobs_of
-from ..metrics import PSFTMetrics
+from .. import vocab_parallel
+from ..loss import shaped_result, logprobs_of
 from ..params import LossParams, loss_params
 from ..token_inputs import loss_inputs, no_token_inputs
 from . import ops as _registrations  # noqa: F401  (the linear ops' implementations)
 
 
-def check_linear_inputs(hidden, weight, bias, targets, fn):
+def check_linear_inputs(hidden, weight, bias, targets, fn, sliced=False):
     """Checks the shapes, dtypes and devices; returns the dtype of the matmuls (the autocast
-    dtype inside an autocast region of hidden's device type, else the inputs' dtype)."""
+    dtype inside an autocast region of hidden's device type, else the inputs' dtype).
+    ``sliced``: the weight is a rank's rows of a vocabulary-parallel call, which may be none."""
     for name, value in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a tensor, got {type(value).__name__}")
@@ -43,7 +44,7 @@ def check_linear_inputs(hidden, weight, bias, targets, fn):
     for name, value in floats[1:] + [("targets", targets)]:
         if value.device != hidden.device:
             raise ValueError(f"{fn}: {name} is on {value.device} but hidden is on {hidden.device}")
-    if weight.shape[0] == 0 and targets.numel() > 0:
+    if weight.shape[0] == 0 and targets.numel() > 0 and not sliced:
         raise ValueError(f"{fn}: weight has an empty vocabulary dimension")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -65,27 +66,54 @@ def check_chunk_size(chunk_size, fn):
     return chunk_size
 
 
+def sharded_head(hidden, weight, bias, targets, process_group, fn):
+    """The local (hidden, weight rows, bias rows, targets) and the group of a vocabulary-parallel
+    call (group None otherwise): a DTensor weight sharded on its rows brings its group."""
+    weight, group = vocab_parallel.local_shard(weight, 0, process_group, "weight", fn)
+    if bias is not None:
+        bias, bias_group = vocab_parallel.local_shard(bias, 0, group, "bias", fn)
+        group = group if group is not None else bias_group
+    return (vocab_parallel.replicated(hidden), weight, bias, vocab_parallel.replicated(targets),
+            group)
+
+
 def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bias=None,
                 chunk_size=None, accumulate_float32=True, advantages=1.0, num_items=None,
                 return_metrics=False, rollout_is_weights=None, ref_logprobs=None,
-                fn="linear_psft_loss"):
+                process_group=None, fn="linear_psft_loss"):
     """:func:`linear_psft_loss` with its options as a :class:`LossParams` (``fn`` names the caller
     in error messages)."""
-    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
+    hidden, weight, bias, targets, group = sharded_head(hidden, weight, bias, targets,
+                                                        process_group, fn)
+    old_logprobs, advantages, rollout_is_weights, ref_logprobs = (
+        vocab_parallel.replicated(t) for t in (old_logprobs, advantages, rollout_is_weights,
+                                               ref_logprobs))
+    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn,
+                                        sliced=group is not None)
     chunk = check_chunk_size(chunk_size, fn)
     inputs = loss_inputs(params, targets, fn, old_logprobs=old_logprobs, advantages=advantages,
                          rollout_is_weights=rollout_is_weights, ref_logprobs=ref_logprobs,
                          num_items=num_items, device=hidden.device, where="hidden")
+    if group is not None:
+        loss, _, _, metrics = _vocab_parallel(hidden, weight, bias, targets, inputs, params,
+                                              group, return_metrics, chunk, compute_dtype,
+                                              accumulate_float32, fn)
+        return shaped_result(loss, metrics, targets, params, return_metrics)
     loss, _, _, metrics, *_ = ops.linear_fwd(
         as_rows(hidden), weight, bias, flat_targets(targets, params.ignore_index),
         inputs.token_inputs, params.op_args(inputs.advantage), params.ignore_index,
         inputs.seq_len, inputs.num_items, inputs.num_items_value, bool(return_metrics), False,
         chunk, compute_dtype, bool(accumulate_float32), False, False, False)
-    if params.reduction == "none":
-        loss = loss.view(targets.shape)
-    if not return_metrics:
-        return loss
-    return loss, PSFTMetrics(*metrics.unbind())
+    return shaped_result(loss, metrics, targets, params, return_metrics)
+
+
+def _vocab_parallel(hidden, weight, bias, targets, inputs, params, group, with_metrics, chunk,
+                    compute_dtype, accumulate_float32, fn):
+    flat = flat_targets(targets, params.ignore_index)
+    slices = vocab_parallel.exchange_layout(group, flat, weight.shape[0], params.ignore_index, fn)
+    call = vocab_parallel.call_of(flat, inputs, params, params.ignore_index, with_metrics)
+    return vocab_parallel.LinearFunction.apply(as_rows(hidden), weight, bias, call, slices, chunk,
+                                               compute_dtype, bool(accumulate_float32))
 
 
 def linear_psft_loss(
@@ -102,6 +130,7 @@ def linear_psft_loss(
     return_metrics: bool = False,
     rollout_is_weights: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
+    process_group=None,
     **options,
 ):
     """PSFT loss of the LM head's logits ``hidden @ weight.T + bias`` without materializing them.
@@ -112,6 +141,11 @@ def linear_psft_loss(
     ``rollout_is_weights``, ``ref_logprobs`` and the options (:class:`psft_ext.LossParams`'
     fields as keywords). With ``importance_sampling="sequence"`` a chunk holds whole sequences
     when one fits in it, else the log-probs take a first pass over the chunks.
+    ``process_group``: a vocabulary-parallel LM head, each rank's ``weight`` (and ``bias``) its
+    contiguous rows of the vocabulary in rank order, ``hidden`` and ``targets`` the same on every
+    rank (a DTensor weight sharded on its rows, as ``ColwiseParallel`` makes it, brings its own
+    group); the gradient of ``hidden`` is summed over the group, each rank's weight gradient is
+    its rows'. The backward recomputes the chunks (four matmuls in all instead of three).
 
     Args:
         hidden: (..., H) float32 / bfloat16 / float16, the last hidden states.
@@ -142,7 +176,7 @@ def linear_psft_loss(
                        chunk_size=chunk_size, accumulate_float32=accumulate_float32,
                        advantages=advantages, num_items=num_items,
                        return_metrics=return_metrics, rollout_is_weights=rollout_is_weights,
-                       ref_logprobs=ref_logprobs, fn=fn)
+                       ref_logprobs=ref_logprobs, process_group=process_group, fn=fn)
 
 
 def linear_token_logprobs(
@@ -155,6 +189,7 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    process_group=None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without materializing the logits.
 
@@ -162,12 +197,21 @@ def linear_token_logprobs(
     ``with_entropy=True`` also the per-token entropy. Both are differentiable with respect to
     hidden, weight and bias: the backward recomputes the logits chunk by chunk (no N x V memory
     at any point), so a policy loss written in PyTorch on them needs no logits at all.
+    ``process_group``: a vocabulary-parallel LM head, as in :func:`linear_psft_loss`.
     """
     fn = "linear_token_logprobs"
-    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn)
+    hidden, weight, bias, targets, group = sharded_head(hidden, weight, bias, targets,
+                                                        process_group, fn)
+    compute_dtype = check_linear_inputs(hidden, weight, bias, targets, fn,
+                                        sliced=group is not None)
     params = loss_params(fn, dict(ignore_index=ignore_index, temperature=temperature,
                                   reduction="none"))
     chunk = check_chunk_size(chunk_size, fn)
+    if group is not None:
+        inputs = loss_inputs(params, targets, fn, device=hidden.device, where="hidden")
+        _, logp, entropy, _ = _vocab_parallel(hidden, weight, bias, targets, inputs, params,
+                                              group, False, chunk, compute_dtype, True, fn)
+        return logprobs_of(logp, entropy, targets.shape, with_entropy)
     _, logp, entropy, *_ = ops.linear_fwd(
         as_rows(hidden), weight, bias, flat_targets(targets, ignore_index), no_token_inputs(),
         params.op_args(), ignore_index, 0, None, 0.0, False, True, chunk, compute_dtype, True,
