@@ -5,8 +5,8 @@ The C++ library (csrc/psft_ops.cpp) defines the ops in the ``psft_ext`` namespac
 the gradient written in the same pass), ``psft_bwd`` (the gradient from the forward's stats),
 ``scale_rows_``, the fused linear pair ``linear_fwd`` / ``linear_bwd`` (implemented in
 psft_ext/linear/ops.py), and ``psft_tokens`` (psft_fwd's token stage on stats the caller formed:
-the vocabulary-parallel loss). The fake kernels registered here let ``torch.compile`` trace the callers
-without graph breaks and ``torch.library.opcheck`` verify the ops.
+the vocabulary-parallel loss). The fake kernels registered here let ``torch.compile`` trace the
+callers without graph breaks and ``torch.library.opcheck`` verify the ops.
 
 The layouts both sides rely on are defined once, in csrc/psft_math.h, and read from the library
 here: the names of the stats rows, of the metrics, of the packed hyper-parameters, of the

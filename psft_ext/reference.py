@@ -5,8 +5,9 @@ written the straightforward way (full log-softmax over the vocabulary, autograd 
 The clipped surrogate follows verl's ``compute_policy_loss_vanilla``, the PSFT authors' code path:
 log-ratio clamped to [-20, 20], ``-min(r A, clip(r) A)``, dual clip for A < 0, token-mean. Branches
 are selected with ``torch.where`` on "the clip is active" (strictly), which gives verl's values and,
-away from exact ties, its gradients; at a tie the unclipped branch is taken, as in the fused kernels.
-Float64 logits are computed in float64 (the tests' ground truth); others in float32. The options
+away from exact ties, its gradients; at a tie the unclipped branch is taken, as in the fused
+kernels. Float64 logits are computed in float64 (the tests' ground truth); others in float32. The
+options
 follow verl 0.9: rollout correction weights scale the policy-gradient term, ``kl_coef`` adds
 the "low_var_kl" (k3) penalty, ``entropy_coef`` subtracts the entropy,
 ``importance_sampling="sequence"`` is ``compute_policy_loss_gspo``, ``loss_agg_mode`` is

@@ -87,7 +87,9 @@ def exchange_layout(group, targets, local_vocab, ignore_index, fn) -> VocabSlice
                          f"(tokens): {rows} by rank; each rank must pass the same tokens")
     if len(set(sums)) != 1:
         raise ValueError(f"{fn}: the ranks of the process group hold different targets; "
-                         f"targets are global token ids, the same on every rank")
+                         f"targets are global token ids, the same on every rank (an LM head "
+                         f"that FSDP shards over data-parallel ranks is not vocabulary-parallel: "
+                         f"compute the loss where FSDP has gathered its weight)")
     if any(size < 0 for size in sizes):
         raise ValueError(f"{fn}: vocabulary slices of negative size: {sizes}")
     vocab = sum(sizes)

@@ -18,7 +18,14 @@ transform (Gemma's soft-capping, Cohere's / Granite's scaling, ...) are recogniz
 config and use the logits path, with a warning; for the others, the first call checks that the
 one kept position's logits equal ``F.linear`` of its hidden state, and falls back to the logits
 path (with a warning) if they do not. The caller can also block the fused path (the Trainer does
-under FSDP / ZeRO-3, where the LM head's weight is sharded outside the forward).
+under FSDP1 / ZeRO-3, see psft_ext.integrations.transformers).
+
+Sharded models. Under FSDP2 (``fully_shard``, the LM head in the root unit or a unit of its own)
+the head's weight is whole only inside the model's forward: the fused loss (and the old
+log-probs) are computed there, by a forward pre-hook on the LM head, which runs after FSDP's
+(which gathers the weight); the gradient the single pass computed reaches the weight in the
+backward, and FSDP reduce-scatters it as any other. A tensor-parallel LM head (``ColwiseParallel``
+over the vocabulary: a weight sharded on its rows) takes the vocabulary-parallel loss.
 """
 
 import contextlib
@@ -147,16 +154,40 @@ class _Capture:
 
 
 class _FusedPlan:
-    def __init__(self, backbone: nn.Module, head: nn.Linear, forward_kwargs: dict):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, forward_kwargs: dict,
+                 inside: bool):
         self.head = head
         self.forward_kwargs = forward_kwargs
         self.capture = _Capture()
-        self.handle = backbone.register_forward_hook(self.capture)
+        self.handles = [backbone.register_forward_hook(self.capture),
+                        head.register_forward_pre_hook(self._head_pre_hook)]
         self.verified = False
         self.amp = None  # autocast dtype the model's LM head runs under, if any
+        # The LM head's weight is whole only inside its own forward (FSDP2, ZeRO-3): the fused
+        # loss is computed there, by a forward pre-hook (it runs after FSDP's / DeepSpeed's,
+        # which gather the parameters), from the backbone's output the capture holds.
+        self.inside = inside
+        self.request = None  # while armed: fn(HeadInputs) -> result
+        self.result = None
+
+    def _head_pre_hook(self, module, args):
+        if self.request is None or self.capture.value is None:
+            return
+        hidden = _last_hidden(self.capture.value)
+        weight = module.weight
+        request, self.request = self.request, None  # once per forward
+        if (self.amp or weight.dtype) == torch.float16 and torch.is_grad_enabled():
+            # float16 takes the fused loss's two passes, whose backward reads the weight again:
+            # gone by then here.
+            raise ValueError("psft_ext: a float16 LM head under FSDP2 / ZeRO-3 needs its weight "
+                             "in the fused loss's backward, after the sharding released it: "
+                             "train in bfloat16, or pass use_fused_linear=False")
+        self.result = request(HeadInputs(hidden.to(weight.device), weight, module.bias, None,
+                                         self.amp))
 
     def release(self):
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _last_hidden(output) -> Optional[torch.Tensor]:
@@ -177,6 +208,12 @@ def _logits_of(output) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"the model returned {type(output).__name__} without logits")
     return logits
+
+
+def _local(t):
+    """A DTensor's local tensor (a tensor-parallel LM head's input and output), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and isinstance(t, torch.Tensor) else t
 
 
 def _forward_parameters(lm: nn.Module):
@@ -272,9 +309,9 @@ class CausalLMPSFT:
         target = lm.get_base_model() if callable(getattr(lm, "get_base_model", None)) else lm
         get_head = getattr(target, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
-        if type(head) is not nn.Linear:
+        if type(head) is not nn.Linear and not _fsdp2_linear(head):
             # A subclass (a LoRA-wrapped or quantized head) may compute something else than
-            # F.linear with its weight.
+            # F.linear with its weight (FSDP2's wrapper of an nn.Linear does not).
             self._fallback(lm, f"the LM head is {type(head).__name__}, not a torch.nn.Linear")
             return False
         transform = logit_transform(getattr(target, "config", None))
@@ -293,7 +330,7 @@ class CausalLMPSFT:
         kwargs = {"logits_to_keep": 1}
         if "use_cache" in params:
             kwargs["use_cache"] = False
-        plan = _FusedPlan(backbone, head, kwargs)
+        plan = _FusedPlan(backbone, head, kwargs, _gathered_in_forward(target, head))
         self._plans[lm] = plan
         return plan
 
@@ -306,9 +343,9 @@ class CausalLMPSFT:
             return "the backbone's output holds no hidden states"
         if len(head_calls) != 1:
             return f"the LM head ran {len(head_calls)} times in one forward"
-        head_in, head_out, _ = head_calls[0]
+        head_in, head_out, _ = (_local(t) for t in head_calls[0])
         try:
-            logits = _logits_of(output)
+            logits = _local(_logits_of(output))
         except TypeError as err:
             return str(err)
         if not isinstance(head_in, torch.Tensor) or head_in.dim() < 2 or hidden.dim() < 2 or \
@@ -370,14 +407,32 @@ class CausalLMPSFT:
     # ---------------------------------------------------------------------------------------
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any],
-                lm: Optional[nn.Module] = None) -> HeadInputs:
-        """Runs ``model`` on the batch's model inputs; returns the loss's inputs."""
+                lm: Optional[nn.Module] = None, fused=None):
+        """Runs ``model`` on the batch's model inputs; returns the loss's inputs. With ``fused``
+        (a function of the fused path's HeadInputs), returns ``fused``'s result on the fused path
+        instead, computed inside the LM head's forward where FSDP2 / ZeRO-3 gather its weight
+        only there; the HeadInputs of the logits path otherwise."""
         lm = unwrap_model(model) if lm is None else lm
         inputs = model_inputs(batch)
         plan = self._plan(lm)
         if plan and not plan.verified:
             self._verify(lm, plan, inputs)
             plan = self._plan(lm)
+        if plan and plan.inside:
+            if fused is None:
+                raise ValueError("psft_ext: the LM head's weight is gathered only inside its "
+                                 "forward (FSDP2 / ZeRO-3): CausalLMPSFT.forward needs the "
+                                 "fused computation (fused=...) to run there")
+            plan.request = fused
+            try:
+                self._run(model, plan, inputs)
+            finally:
+                plan.request = None
+            result, plan.result = plan.result, None
+            if result is None:
+                raise RuntimeError("psft_ext: the LM head did not run after the backbone in the "
+                                   "model's forward; the fused loss could not be computed")
+            return result
         if plan:
             output, hidden = self._run(model, plan, inputs)
             if hidden is None:
@@ -386,8 +441,9 @@ class CausalLMPSFT:
             # (device_map="auto") may keep the backbone's last layers and the head apart.
             weight = plan.head.weight
             joined = _logits_of(output) if _ddp_static_graph(model) else None
-            return HeadInputs(hidden.to(weight.device), weight, plan.head.bias, None, plan.amp,
+            head = HeadInputs(hidden.to(weight.device), weight, plan.head.bias, None, plan.amp,
                               joined)
+            return head if fused is None else fused(head)
         kwargs = {"use_cache": False} if "use_cache" in _forward_parameters(lm) else {}
         return HeadInputs(None, None, None, _logits_of(model(**inputs, **kwargs)))
 
@@ -401,8 +457,8 @@ class CausalLMPSFT:
         if old_logprobs is None:
             old_logprobs = batch.get(OLD_LOGPROBS_KEY)
         targets = batch_targets(batch, self.ignore_index)
-        head = self.forward(model, batch, lm)
-        if head.hidden is not None:
+
+        def fused(head):
             with head.autocast():
                 loss, metrics = linear_loss(
                     head.hidden, head.weight, targets.to(head.hidden.device),
@@ -410,6 +466,10 @@ class CausalLMPSFT:
                     chunk_size=self.chunk_size, accumulate_float32=self.accumulate_float32,
                     num_items=num_items, return_metrics=True, fn="CausalLMPSFT.loss")
             return _joined(loss, head.output), metrics
+
+        head = self.forward(model, batch, lm, fused=fused)
+        if not isinstance(head, HeadInputs):
+            return head
         return logits_loss(head.logits, targets.to(head.logits.device),
                            _on(old_logprobs, head.logits), self.params, num_items=num_items,
                            return_metrics=True, fn="CausalLMPSFT.loss")
@@ -419,16 +479,45 @@ class CausalLMPSFT:
         """float32 log-probs of the batch's targets (0 where ignored), shape of the targets,
         under ``torch.no_grad`` and without any tokens x vocabulary tensor on the fused path."""
         targets = batch_targets(batch, self.ignore_index)
+
+        def fused(head):
+            with head.autocast():
+                return linear_token_logprobs(
+                    head.hidden, head.weight, targets.to(head.hidden.device), bias=head.bias,
+                    chunk_size=self.chunk_size, ignore_index=self.ignore_index,
+                    temperature=self.temperature)
+
         with torch.no_grad():
-            head = self.forward(model, batch, lm)
-            if head.hidden is not None:
-                with head.autocast():
-                    return linear_token_logprobs(
-                        head.hidden, head.weight, targets.to(head.hidden.device),
-                        bias=head.bias, chunk_size=self.chunk_size,
-                        ignore_index=self.ignore_index, temperature=self.temperature)
+            head = self.forward(model, batch, lm, fused=fused)
+            if not isinstance(head, HeadInputs):
+                return head
             return token_logprobs(head.logits, targets.to(head.logits.device),
                                   ignore_index=self.ignore_index, temperature=self.temperature)
+
+
+def _fsdp2_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def _fsdp2_linear(head) -> bool:
+    """An nn.Linear that FSDP2's fully_shard made a unit of its own (class FSDPLinear)."""
+    fsdp_module = _fsdp2_module_class()
+    return (fsdp_module is not None and isinstance(head, fsdp_module)
+            and type(head).__bases__ == (fsdp_module, nn.Linear))
+
+
+def _gathered_in_forward(lm: nn.Module, head: nn.Module) -> bool:
+    """Whether the LM head's weight is whole only inside the model's forward: FSDP2 (the head a
+    unit of its own, or in a unit that may reshard) and DeepSpeed ZeRO-3 (partitioned
+    parameters carry ds_id)."""
+    fsdp_module = _fsdp2_module_class()
+    if fsdp_module is not None and (isinstance(lm, fsdp_module) or isinstance(head, fsdp_module)):
+        return True
+    return hasattr(getattr(head, "weight", None), "ds_id")
 
 
 def _ddp_static_graph(model: nn.Module) -> bool:

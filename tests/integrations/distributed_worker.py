@@ -7,10 +7,10 @@ alone (batch 4); the same 8 samples per optimizer step in each. Records the grad
 optimizer step (after DDP's all-reduce), the training logs and the final weights.
 
 ``run_fsdp2_loop``: a plain PSFT loop (OldPolicyGroups + CausalLMPSFT) on a tiny Llama sharded with
-FSDP2 (``fully_shard``), or unsharded. Under FSDP2 the LM head's weight is a sharded DTensor outside
-the model's forward, so the fused linear path is blocked and the loss is computed from the logits
-of the wrapped model's forward; the old log-probs go through the wrapped model too (it gathers the
-parameters). The Trainer enables FSDP only on GPUs, hence the plain loop for the CPU check.
+FSDP2 (``fully_shard``, the LM head in the root unit or a unit of its own), or unsharded. The LM
+head's weight is whole only inside the model's forward, so CausalLMPSFT computes the fused linear
+loss and the old log-probs there (from a forward pre-hook on the head). The Trainer enables FSDP
+only on GPUs, hence the plain loop for the CPU check.
 
 Both run in the same two processes (one launch: starting the processes is most of the cost).
 """
@@ -18,6 +18,7 @@ Both run in the same two processes (one launch: starting the processes is most o
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,10 @@ def run_trainer(output_dir, per_device_batch, ddp_backend=None, static_graph=Fal
 LOOP_STEPS, GRAD_ACCUM, K, PER_RANK = 4, 2, 2, 2
 
 
-def run_fsdp2_loop(rank=0, world=1, shard=False):
+def run_fsdp2_loop(rank=0, world=1, shard=None):
+    """shard: None (one process), "root" (the LM head in the root unit) or "head" (the LM head a
+    unit of its own). Records the weights, the clip fractions, whether the fused path ran, and
+    the fallback warnings."""
     model = tiny_model()
     head = CausalLMPSFT()
     if shard:
@@ -73,8 +77,9 @@ def run_fsdp2_loop(rank=0, world=1, shard=False):
 
         for layer in model.model.layers:
             fully_shard(layer)
+        if shard == "head":
+            fully_shard(model.lm_head)
         fully_shard(model)
-        head.block_fused("FSDP2 shards the LM head")
     optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
     data = TokenDataset(n=64, equal_lengths=True)
     per_batch = PER_RANK * (2 // world)  # the single process takes both ranks' samples
@@ -84,22 +89,25 @@ def run_fsdp2_loop(rank=0, world=1, shard=False):
         micro_batches.append(pad_collate([data[j] for j in range(start, start + per_batch)]))
     groups = OldPolicyGroups(lambda b: compute_old_logprobs(model, b, head=head), K)
     clip = []
-    for step in groups.steps(micro_batches, micro_batches_per_step=GRAD_ACCUM):
-        num_items = count_targets(step.batches)
-        if world > 1:
-            dist.all_reduce(num_items)  # token mean over the global step
-        for mb in step:
-            loss, metrics = head.loss(model, mb.batch, mb.old_logprobs, num_items=num_items)
-            # FSDP averages the gradients over ranks; the loss is already a global token mean.
-            (loss * world).backward()
-            clip.append(float(metrics.clip_fraction))
-        optimizer.step()
-        optimizer.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in groups.steps(micro_batches, micro_batches_per_step=GRAD_ACCUM):
+            num_items = count_targets(step.batches)
+            if world > 1:
+                dist.all_reduce(num_items)  # token mean over the global step
+            for mb in step:
+                loss, metrics = head.loss(model, mb.batch, mb.old_logprobs, num_items=num_items)
+                # FSDP averages the gradients over ranks; the loss is already a global token mean.
+                (loss * world).backward()
+                clip.append(float(metrics.clip_fraction))
+            optimizer.step()
+            optimizer.zero_grad()
     weights = {}
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         weights[name] = full.detach().clone()
-    return {"weights": weights, "clip": clip}
+    return {"weights": weights, "clip": clip, "fused": head.uses_fused(model),
+            "warnings": [str(w.message) for w in caught if "psft_ext" in str(w.message)]}
 
 
 def main():
@@ -114,7 +122,8 @@ def main():
     result["trainer_static"] = run_trainer(opts.output_dir + "_static", 4, ddp_backend="gloo",
                                            static_graph=True, grad_accum=1)
     # The Trainer's accelerate state initialized the process group (gloo).
-    result["fsdp2"] = run_fsdp2_loop(dist.get_rank(), dist.get_world_size(), shard=True)
+    for shard in ("root", "head"):
+        result[f"fsdp2_{shard}"] = run_fsdp2_loop(dist.get_rank(), dist.get_world_size(), shard)
     if dist.get_rank() == 0:
         torch.save(result, opts.result)
 

@@ -6,8 +6,8 @@ and metrics, same final weights. The token mean counts the tokens of both ranks,
 old-policy cache (and checkpoint file) covers its own micro-batches.
 
 FSDP2: the Trainer only enables FSDP on GPUs, so the CPU check is a plain loop (OldPolicyGroups +
-CausalLMPSFT) on a model sharded with ``fully_shard``, where the LM head's weight is a sharded
-DTensor outside the forward and the loss goes through the logits.
+CausalLMPSFT) on a model sharded with ``fully_shard``, the LM head in the root unit or a unit of its
+own: its weight is whole only inside the model's forward, where the fused loss is computed.
 """
 
 import os
@@ -108,9 +108,14 @@ def test_ddp_two_processes_match_one(launched, worker, single):
         assert cache["world_size"] == 2 and len(cache["old_logprobs"]) == 1
 
 
-def test_fsdp2_plain_loop_matches_one_process(launched, worker):
-    sharded = launched[1]["fsdp2"]
+@pytest.mark.parametrize("unit", ["root", "head"])
+def test_fsdp2_plain_loop_matches_one_process(launched, worker, unit):
+    """The fused path under FSDP2, the LM head in the root unit or a unit of its own: no
+    fallback, the same weights as one process (the clip fractions are each rank's own tokens')."""
+    sharded = launched[1][f"fsdp2_{unit}"]
     single = worker.run_fsdp2_loop()
+    assert single["fused"] and sharded["fused"]
+    assert sharded["warnings"] == [] and single["warnings"] == []
     assert any(c > 0 for c in single["clip"])
     for name, w in single["weights"].items():
         torch.testing.assert_close(sharded["weights"][name], w, rtol=1e-4, atol=1e-5,
