@@ -7,9 +7,8 @@ log-ratio clamped to [-20, 20], ``-min(r A, clip(r) A)``, dual clip for A < 0, t
 are selected with ``torch.where`` on "the clip is active" (strictly), which gives verl's values and,
 away from exact ties, its gradients; at a tie the unclipped branch is taken, as in the fused
 kernels. Float64 logits are computed in float64 (the tests' ground truth); others in float32. The
-options
-follow verl 0.9: rollout correction weights scale the policy-gradient term, ``kl_coef`` adds
-the "low_var_kl" (k3) penalty, ``entropy_coef`` subtracts the entropy,
+options follow verl 0.9: rollout correction weights scale the policy-gradient term, ``kl_coef``
+adds the "low_var_kl" (k3) penalty, ``entropy_coef`` subtracts the entropy,
 ``importance_sampling="sequence"`` is ``compute_policy_loss_gspo``, ``loss_agg_mode`` is
 ``agg_loss``.
 """
