@@ -8,6 +8,8 @@ so float32 and float64 always take the same branch and the comparison can be tig
 """
 
 import math
+import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -49,6 +51,16 @@ def pytest_configure(config):
     settings.register_profile("ci", max_examples=2000, derandomize=True, print_blob=True, **common)
     settings.register_profile("long", max_examples=50000, print_blob=True, **common)
     settings.load_profile(config.getoption("--fuzz"))
+
+
+def torchrun(nproc):
+    """The command line that starts ``nproc`` local processes with torch.distributed.run on a
+    free port (the script and its arguments follow)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
 
 
 def dtype_id(dtype):

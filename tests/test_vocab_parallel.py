@@ -8,9 +8,7 @@ Bad input (ranks disagreeing on the rows or the targets, a target outside the wh
 the same error on every rank, and the group still works after it."""
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 import psft_ext
 from psft_ext import reference
 
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, torchrun
 from vocab_parallel_cases import CASES, LOGPROB_CASES, case_inputs, slice_bounds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,11 +26,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2_ranks", "4_ranks"])
@@ -42,9 +35,7 @@ def launched(request, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"),
                                                       os.path.dirname(HERE)) if p))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "vocab_parallel_worker.py"), "--out", str(out)]
+    cmd = torchrun(world) + [os.path.join(HERE, "vocab_parallel_worker.py"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -11,7 +11,6 @@ own: its weight is whole only inside the model's forward, where the fused loss i
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,16 +22,12 @@ pytest.importorskip("accelerate")
 
 import torch.distributed as dist  # noqa: E402
 
+from conftest import torchrun  # noqa: E402
 from integration_helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 from psft_ext.integrations.transformers import METRIC_NAMES, old_policy_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -45,10 +40,8 @@ def launched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(HERE, "distributed_worker.py"), "--output-dir", str(tmp / "ddp"),
-           "--result", str(tmp / "result.pt")]
+    cmd = torchrun(2) + [os.path.join(HERE, "distributed_worker.py"),
+                         "--output-dir", str(tmp / "ddp"), "--result", str(tmp / "result.pt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     return tmp, torch.load(tmp / "result.pt", weights_only=False)

@@ -5,7 +5,6 @@ sharded weight), and makes the same steps as the one-process run: the same per-s
 metrics, the same final weights up to rounding."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ pytest.importorskip("transformers")
 
 import torch.distributed as dist  # noqa: E402
 
+from conftest import torchrun  # noqa: E402
 from integration_helpers import one_thread  # noqa: E402,F401  (autouse fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_tp2_equals_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1",
@@ -37,9 +32,7 @@ def test_tp2_equals_one_process(tmp_path):
     out = {}
     for world in (1, 2):
         path = tmp_path / f"tp{world}.pt"
-        launcher = ([sys.executable] if world == 1 else
-                    [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())])
+        launcher = [sys.executable] if world == 1 else torchrun(2)
         proc = subprocess.run(launcher + [EXAMPLE, "--max-steps", "6", "--save", str(path)],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
