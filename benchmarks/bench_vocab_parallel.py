@@ -6,12 +6,12 @@ in rank order) and times the forward + backward of
   - unsharded:      psft_ext.psft_loss(full_logits, ...) on each rank alone (what one rank would
                     do without tensor parallelism)
 with the bytes every rank sends per call (counted at the collectives), the peak extra memory, and
-the time ratio. With ``--fsdp2`` it also trains one step of a tiny Llama (vocabulary 32000) under
-FSDP2 with CausalLMPSFT on the fused path and on the logits path, and reports each one's peak
-memory.
+the time ratio. With ``--sharded fsdp2,fsdp1,zero3`` (or ``all``) it also trains one step of a tiny
+Llama (vocabulary 32000) under FSDP2, FSDP1 and DeepSpeed ZeRO-3 with CausalLMPSFT on the fused
+path and on the logits path, and reports each one's peak memory (ZeRO-3 on CPU: DS_ACCELERATOR=cpu).
 
   python benchmarks/bench_vocab_parallel.py                    # 2 CPU processes (gloo)
-  python benchmarks/bench_vocab_parallel.py --world 4 --fsdp2
+  python benchmarks/bench_vocab_parallel.py --world 4 --sharded all
   python benchmarks/bench_vocab_parallel.py --device cuda --world 8   # NCCL, one GPU per rank
 
 Launched without torchrun, the script starts itself under ``torch.distributed.run``. CPU peak
@@ -19,6 +19,7 @@ memory is the process' peak resident set (bench_loss.py), CUDA's the allocator's
 """
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -94,40 +95,69 @@ def bench_shape(n, vocab, dtype, device, reps, warmup, rank, world):
     return rows
 
 
-def bench_fsdp2(rank, world, device):
-    """One training step's peak memory of a tiny Llama with a large vocabulary under FSDP2, on
-    CausalLMPSFT's fused path and on its logits path."""
-    import transformers
-    from torch.distributed.fsdp import fully_shard
+SHARDINGS = ("fsdp2", "fsdp1", "zero3")
 
-    from psft_ext.integrations.causal_lm import CausalLMPSFT
 
-    rows = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4,
-                                          num_key_value_heads=2, max_position_embeddings=1024,
-                                          tie_word_embeddings=False)
-        model = transformers.LlamaForCausalLM(config).to(device)
+def _sharded(model, sharding, device):
+    """(model to call, backward + optimizer step of a loss) of the layout; the LM head is a unit
+    of its own under FSDP2 and FSDP1 (the decoder layers too)."""
+    if sharding == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model.lm_head)
         fully_shard(model)
-        head = CausalLMPSFT(use_fused_linear=fused)
-        gen = torch.Generator().manual_seed(rank)
-        ids = torch.randint(0, 32000, (4, 512), generator=gen).to(device)
-        batch = {"input_ids": ids, "labels": ids.clone()}
+        return model, lambda loss: (loss.backward(), model.zero_grad(set_to_none=True))
+    if sharding == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-        def step():
-            loss, _ = head.loss(model, batch)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+        units = set(model.model.layers) | {model.lm_head}
+        wrapped = FullyShardedDataParallel(
+            model, device_id=device, use_orig_params=True,
+            auto_wrap_policy=functools.partial(lambda_auto_wrap_policy,
+                                               lambda_fn=lambda m: m in units))
+        return wrapped, lambda loss: (loss.backward(), wrapped.zero_grad(set_to_none=True))
+    import deepspeed
 
-        step()
-        rows.append(dict(name="fsdp2_fused" if fused else "fsdp2_logits",
-                         peak_bytes=peak_extra_memory(step, device),
-                         fused=head.uses_fused(model)))
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    return engine, lambda loss: (engine.backward(loss), engine.step())
+
+
+def bench_sharded(rank, world, device, shardings):
+    """One training step's peak memory of a tiny Llama with a large vocabulary under each
+    sharding, on CausalLMPSFT's fused path and on its logits path."""
+    import transformers
+
+    from psft_ext.integrations.causal_lm import CausalLMPSFT
+
+    rows = []
+    for sharding in shardings:
+        for fused in (True, False):
+            torch.manual_seed(0)
+            config = transformers.LlamaConfig(
+                vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                tie_word_embeddings=False)
+            model, backward = _sharded(transformers.LlamaForCausalLM(config).to(device),
+                                       sharding, device)
+            head = CausalLMPSFT(use_fused_linear=fused)
+            gen = torch.Generator().manual_seed(rank)
+            ids = torch.randint(0, 32000, (4, 512), generator=gen).to(device)
+            batch = {"input_ids": ids, "labels": ids.clone()}
+
+            def step():
+                loss, _ = head.loss(model, batch)
+                backward(loss)
+
+            step()
+            rows.append(dict(name=f"{sharding}_{'fused' if fused else 'logits'}",
+                             peak_bytes=peak_extra_memory(step, device),
+                             fused=head.uses_fused(model)))
     return rows
 
 
@@ -142,6 +172,15 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def _shardings(text):
+    names = list(SHARDINGS) if text == "all" else [t for t in text.split(",") if t]
+    unknown = [t for t in names if t not in SHARDINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sharding {unknown[0]!r}; choose from "
+                                         f"{', '.join(SHARDINGS)} or all")
+    return names
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2)
@@ -150,7 +189,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--fsdp2", action="store_true", help="also the FSDP2 training-step memory")
+    p.add_argument("--sharded", default="", type=_shardings,
+                   help="also the training-step memory under these shardings: a comma list of "
+                        f"{', '.join(SHARDINGS)}, or all")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if "WORLD_SIZE" not in os.environ:
@@ -183,13 +224,13 @@ def main(argv=None):
         rows += shape_rows
         if rank == 0:
             print(markdown(shape_rows), f"\n<!-- {time.perf_counter() - t0:.0f}s -->", flush=True)
-    fsdp_rows = bench_fsdp2(rank, world, device) if args.fsdp2 else []
+    sharded_rows = bench_sharded(rank, world, device, args.sharded)
     if rank == 0:
-        for r in fsdp_rows:
+        for r in sharded_rows:
             print(f"{r['name']}: peak extra {_mib(r['peak_bytes'])} MiB (fused path: "
                   f"{r['fused']})")
         write_json(args.json, True, environment=env, dtype=str(dtype), world=world, reps=reps,
-                   rows=rows, fsdp2=fsdp_rows)
+                   rows=rows, sharded=sharded_rows)
     dist.barrier()
     dist.destroy_process_group()
 

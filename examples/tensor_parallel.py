@@ -3,11 +3,14 @@ vocabulary (and its MLPs split too) by torch's ``parallelize_module``; the loss 
 vocabulary-parallel fused linear loss, which CausalLMPSFT picks from the head's sharded weight.
 
     torchrun --nproc_per_node 2 examples/tensor_parallel.py          # TP = 2, CPU (gloo)
+    torchrun --nproc_per_node 4 examples/tensor_parallel.py --dp 2   # TP = 2 x FSDP2 over 2
     python examples/tensor_parallel.py                               # the same run on one process
 
-Every rank sees the same batches (tensor parallelism splits the model, not the data); the loss,
-the metrics and the replicated parameters come out the same on every rank, and the run makes the
-same steps as the one-process run, up to rounding. ``--save PATH`` writes the final weights (whole
+The ranks of a tensor-parallel group see the same batches (tensor parallelism splits the model,
+not the data); with ``--dp N`` the ranks form an N x (world / N) mesh, FSDP2 shards the
+tensor-parallel model over the data-parallel dimension (the decoder layers and the LM head units
+of their own) and each data-parallel rank takes its share of every batch. The run makes the same
+steps as the one-process run, up to rounding. ``--save PATH`` writes the final weights (whole
 tensors, from rank 0) and the per-step metrics.
 """
 
@@ -26,19 +29,41 @@ from psft_ext.integrations.old_policy import (OldPolicyGroups, compute_old_logpr
                                               count_targets)
 
 
-def parallelize(model, world):
+def parallelize(model, world, dp):
     """The LM head split over the vocabulary (ColwiseParallel: each rank computes its slice of
-    the logits), each MLP split over its intermediate size (gate / up columnwise, down rowwise)."""
+    the logits), each MLP split over its intermediate size (gate / up columnwise, down rowwise);
+    with dp > 1, FSDP2 over the data-parallel dimension. Returns the data-parallel group."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
-    mesh = init_device_mesh("cpu", (world,))
+    if world % dp:
+        raise SystemExit(f"--dp {dp} does not divide the {world} processes")
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
     plan = {"lm_head": ColwiseParallel()}
     for i in range(len(model.model.layers)):
         plan[f"model.layers.{i}.mlp.gate_proj"] = ColwiseParallel()
         plan[f"model.layers.{i}.mlp.up_proj"] = ColwiseParallel()
         plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
-    return parallelize_module(model, mesh, plan)
+    parallelize_module(model, mesh["tp"], plan)
+    if dp > 1:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model.lm_head, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    return mesh["dp"].get_group()
+
+
+def data_parallel_share(batch, dp_group):
+    """This data-parallel rank's rows of a batch (the whole batch without data parallelism)."""
+    if dp_group is None:
+        return batch
+    dp, rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    rows = next(iter(batch.values())).shape[0]
+    if rows % dp:
+        raise SystemExit(f"a batch of {rows} rows does not split over {dp} data-parallel ranks")
+    share = rows // dp
+    return {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
 
 
 def full_state(model):
@@ -56,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dp", type=int, default=1,
+                        help="data-parallel (FSDP2) size; tensor-parallel size: processes / dp")
     parser.add_argument("--save", default=None)
     args = parser.parse_args(argv)
 
@@ -67,8 +94,9 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     model = tiny_llama(args.seed)  # the same initial weights on every rank
-    if world > 1:
-        model = parallelize(model, world)
+    dp_group = parallelize(model, world, args.dp) if world > 1 else None
+    if args.dp == 1:
+        dp_group = None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     head = CausalLMPSFT(clip_low=0.2, clip_high=0.28)
@@ -79,22 +107,29 @@ def main(argv=None):
                                          collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
     history = []
-    for index, step in enumerate(groups.steps(loader, micro_batches_per_step=args.grad_accum,
+    shares = (data_parallel_share(batch, dp_group) for batch in loader)
+    for index, step in enumerate(groups.steps(shares, micro_batches_per_step=args.grad_accum,
                                               max_steps=args.max_steps)):
         num_items = count_targets(step.batches)
+        if dp_group is not None:
+            dist.all_reduce(num_items, group=dp_group)  # the step's tokens on every dp rank
         sums = torch.zeros(4)
         for mb in step:
             loss, metrics = head.loss(model, mb.batch, mb.old_logprobs, num_items=num_items)
-            loss.backward()
+            # FSDP averages the gradients over the dp ranks; the loss is a global token mean.
+            (loss * args.dp).backward()
             n = metrics.num_tokens
             sums += torch.stack([loss.detach(), metrics.nll * n, metrics.clip_fraction * n, n])
+        if dp_group is not None:
+            dist.all_reduce(sums, group=dp_group)
         optimizer.step()
         optimizer.zero_grad()
         loss_sum, nll, clip = sums[0].item(), (sums[1] / sums[3]).item(), (sums[2] / sums[3]).item()
         history.append(dict(step=index + 1, loss=loss_sum, nll=nll, clip_fraction=clip))
         if rank == 0 and ((index + 1) % 5 == 0 or index + 1 == args.max_steps):
             print(f"step {index + 1:3d} loss {loss_sum:.4f} nll {nll:.4f} clip_fraction {clip:.3f}"
-                  f" (TP = {world}, fused path: {head.uses_fused(model)})")
+                  f" (TP = {world // args.dp}, DP = {args.dp}, fused path: "
+                  f"{head.uses_fused(model)})")
     state = full_state(model) if world > 1 else {k: v.detach().clone()
                                                   for k, v in model.state_dict().items()}
     if args.save and rank == 0:

@@ -15,9 +15,10 @@ A call:
    (``lse = logsumexp_r lse_r``; with ``pi_r = exp(lse_r - lse)``, ``H = sum_r pi_r (H_r -
    log pi_r)``), identically on every rank, and forms the loss, the options and the metrics from
    them with the same token stage as the single-device loss (``psft_tokens``);
-4. in the backward, writes the gradient of the rank's own slice from the combined statistics
-   (``psft_bwd``; rows whose target lies in another slice have no one-hot term there). The fused
-   linear form recomputes its chunks there and sums the hidden states' gradient over the group.
+4. writes the gradient of the rank's own slice from the combined statistics (``psft_bwd``; rows
+   whose target lies in another slice have no one-hot term there): in the backward, or for the
+   fused linear form of a loss alone in the forward (see LinearFunction). The fused linear form
+   recomputes its chunks for it and sums the hidden states' gradient over the group.
 
 Nothing of size tokens x vocabulary crosses the network. The backward needs no collective but the
 fused linear form's sum of the hidden states' gradient.
@@ -253,11 +254,17 @@ class LogitsFunction(torch.autograd.Function):
 class LinearFunction(torch.autograd.Function):
     """(loss, logp, entropy, metrics) of the logits hidden @ weight_r.T + bias_r of this rank's
     LM-head rows, chunk by chunk (linear_fwd / linear_bwd); the hidden states' gradient is summed
-    over the group."""
+    over the group.
+
+    With ``eager`` (a scalar loss, the only output the caller differentiates) the gradients for
+    an upstream gradient of 1 are computed in the forward, once the combined statistics are
+    known, and the backward only scales them: it needs the LM head's weight no more, which an
+    FSDP unit of its own has released by then (TP x FSDP). Otherwise the backward recomputes the
+    chunks. The matmuls are the same four either way."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, call: _Call, slices: VocabSlices, chunk_size,
-                compute_dtype, accumulate_float32):
+                compute_dtype, accumulate_float32, eager):
         fwd_targets, owned = local_targets(call.targets, slices, call.ignore_index, False)
         local = None
         if slices.local_vocab > 0:
@@ -268,27 +275,36 @@ class LinearFunction(torch.autograd.Function):
                                    compute_dtype, accumulate_float32, False, False, False)[4]
         stats_in = combine(local, owned, slices)
         loss, metrics, stats = _token_stage(stats_in, call)
-        ctx.save_for_backward(hidden, weight, bias, stats)
         ctx.call, ctx.slices = call, slices
         ctx.linear = (chunk_size, compute_dtype, accumulate_float32)
+        ctx.eager = eager and not _is_none(call) and any(ctx.needs_input_grad[:3])
+        ctx.set_materialize_grads(False)  # None: an output the caller does not differentiate
+        if ctx.eager:
+            ones = torch.ones((), dtype=torch.float32, device=stats.device)
+            ctx.grads = _linear_grads(ctx, hidden.detach(), weight.detach(),
+                                      None if bias is None else bias.detach(), stats,
+                                      *row_coefficients(stats, False, ones, None, None,
+                                                        _entropy_term(call)))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, stats)
         return _outputs(ctx, loss, metrics, stats)
 
     @staticmethod
     def backward(ctx, g_loss, g_logp, g_entropy, _):
-        hidden, weight, bias, stats = ctx.saved_tensors
         call, slices = ctx.call, ctx.slices
         needs = ctx.needs_input_grad
-        scale, ent_scale = row_coefficients(stats, _is_none(call), g_loss, g_logp, g_entropy,
-                                            _entropy_term(call))
-        if slices.local_vocab > 0:
-            bwd_targets, _ = local_targets(call.targets, slices, call.ignore_index, True)
-            gh, gw, gb = ops.linear_bwd(scale, ent_scale, hidden, weight, bias, bwd_targets,
-                                        stats, call.params, call.ignore_index, *ctx.linear,
-                                        True, needs[1], bias is not None and needs[2])
+        if ctx.eager:
+            if g_logp is not None or g_entropy is not None:
+                raise RuntimeError("psft_ext: the vocabulary-parallel loss's gradients were "
+                                   "computed for the loss alone")
+            g = torch.zeros(()) if g_loss is None else g_loss
+            gh, gw, gb = (None if t is None else t * g.to(t.device, t.dtype) for t in ctx.grads)
+            ctx.grads = None
         else:
-            gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-            gw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-            gb = None if bias is None else torch.zeros_like(bias)
+            hidden, weight, bias, stats = ctx.saved_tensors
+            gh, gw, gb = _linear_grads(ctx, hidden, weight, bias, stats,
+                                       *row_coefficients(stats, _is_none(call), g_loss, g_logp,
+                                                         g_entropy, _entropy_term(call)))
         if needs[0]:
             # Each rank's slice contributes its part of d loss / d hidden.
             device = collective_device(slices.group, gh)
@@ -296,7 +312,20 @@ class LinearFunction(torch.autograd.Function):
             dist.all_reduce(summed, group=slices.group)
             gh = summed.to(gh.device)
         return (gh if needs[0] else None, gw if needs[1] else None,
-                gb if bias is not None and needs[2] else None, None, None, None, None, None)
+                gb if needs[2] else None, None, None, None, None, None, None)
+
+
+def _linear_grads(ctx, hidden, weight, bias, stats, scale, ent_scale):
+    """(d hidden of this slice, d weight_r, d bias_r) for psft_bwd's row coefficients."""
+    call, slices, needs = ctx.call, ctx.slices, ctx.needs_input_grad
+    if slices.local_vocab == 0:
+        return (torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device),
+                torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device),
+                None if bias is None else torch.zeros_like(bias))
+    bwd_targets, _ = local_targets(call.targets, slices, call.ignore_index, True)
+    return ops.linear_bwd(scale, ent_scale, hidden, weight, bias, bwd_targets, stats,
+                          call.params, call.ignore_index, *ctx.linear, True, needs[1],
+                          bias is not None and needs[2])
 
 
 def call_of(targets, inputs, params, ignore_index, with_metrics):

@@ -101,3 +101,32 @@ def test_logprobs_benchmark_runs_and_compares(tmp_path):
         assert r["time_vs_psft"] == pytest.approx(r["fwdbwd_s"] / base[r["form"]])
     data = json.loads(out.read_text())
     assert data["complete"] and len(data["rows"]) == len(rows)
+
+
+def test_vocab_parallel_benchmark_runs_with_every_sharding(tmp_path):
+    """bench_vocab_parallel end to end on 2 processes at a tiny shape, with the training-step
+    memory of every sharding: each one's fused row took the fused path, its logits row did not."""
+    import json
+    import subprocess
+    pytest.importorskip("transformers")
+    shardings = "fsdp2,fsdp1" + (",zero3" if _installed("deepspeed") else "")
+    out = tmp_path / "r.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_vocab_parallel.py"),
+                           "--shapes", "64x1000", "--reps", "1", "--sharded", shardings,
+                           "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    data = json.loads(out.read_text())
+    assert data["complete"] and {r["name"] for r in data["rows"]} == {"vocab_parallel",
+                                                                      "unsharded"}
+    sharded = {r["name"]: r for r in data["sharded"]}
+    for name in shardings.split(","):
+        assert sharded[f"{name}_fused"]["fused"] and not sharded[f"{name}_logits"]["fused"]
+        assert sharded[f"{name}_fused"]["peak_bytes"] < sharded[f"{name}_logits"]["peak_bytes"]
+
+
+def _installed(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None

@@ -17,15 +17,16 @@ This is only correct when ``logits = hidden @ W.T + b`` exactly. Models with a f
 transform (Gemma's soft-capping, Cohere's / Granite's scaling, ...) are recognized from their
 config and use the logits path, with a warning; for the others, the first call checks that the
 one kept position's logits equal ``F.linear`` of its hidden state, and falls back to the logits
-path (with a warning) if they do not. The caller can also block the fused path (the Trainer does
-under FSDP1 / ZeRO-3, see psft_ext.integrations.transformers).
+path (with a warning) if they do not. The caller can also block the fused path (``block_fused``).
 
-Sharded models. Under FSDP2 (``fully_shard``, the LM head in the root unit or a unit of its own)
-the head's weight is whole only inside the model's forward: the fused loss (and the old
-log-probs) are computed there, by a forward pre-hook on the LM head, which runs after FSDP's
-(which gathers the weight); the gradient the single pass computed reaches the weight in the
-backward, and FSDP reduce-scatters it as any other. A tensor-parallel LM head (``ColwiseParallel``
-over the vocabulary: a weight sharded on its rows) takes the vocabulary-parallel loss.
+Sharded models. Under FSDP2 and FSDP1 (the LM head in the root unit or a unit of its own) and
+DeepSpeed ZeRO-3 the head's weight is whole only inside the model's forward: the fused loss (and
+the old log-probs) are computed there, by a forward pre-hook on the LM head, which runs after the
+sharding's (which gathers the weight); the gradient the single pass computed reaches the weight in
+the backward, and the sharding reduces it as any other. FSDP1 and ZeRO-3 run their backward hooks
+from the model's outputs, so there the loss is joined to the output through an exact zero. A
+tensor-parallel LM head (``ColwiseParallel`` over the vocabulary: a weight sharded on its rows)
+takes the vocabulary-parallel loss.
 """
 
 import contextlib
@@ -155,7 +156,7 @@ class _Capture:
 
 class _FusedPlan:
     def __init__(self, backbone: nn.Module, head: nn.Linear, forward_kwargs: dict,
-                 inside: bool):
+                 sharding: "_Sharding"):
         self.head = head
         self.forward_kwargs = forward_kwargs
         self.capture = _Capture()
@@ -163,10 +164,10 @@ class _FusedPlan:
                         head.register_forward_pre_hook(self._head_pre_hook)]
         self.verified = False
         self.amp = None  # autocast dtype the model's LM head runs under, if any
-        # The LM head's weight is whole only inside its own forward (FSDP2, ZeRO-3): the fused
+        # The LM head's weight is whole only inside its own forward (FSDP, ZeRO-3): the fused
         # loss is computed there, by a forward pre-hook (it runs after FSDP's / DeepSpeed's,
         # which gather the parameters), from the backbone's output the capture holds.
-        self.inside = inside
+        self.sharding = sharding
         self.request = None  # while armed: fn(HeadInputs) -> result
         self.result = None
 
@@ -179,7 +180,7 @@ class _FusedPlan:
         if (self.amp or weight.dtype) == torch.float16 and torch.is_grad_enabled():
             # float16 takes the fused loss's two passes, whose backward reads the weight again:
             # gone by then here.
-            raise ValueError("psft_ext: a float16 LM head under FSDP2 / ZeRO-3 needs its weight "
+            raise ValueError("psft_ext: a float16 LM head under FSDP / ZeRO-3 needs its weight "
                              "in the fused loss's backward, after the sharding released it: "
                              "train in bfloat16, or pass use_fused_linear=False")
         self.result = request(HeadInputs(hidden.to(weight.device), weight, module.bias, None,
@@ -278,10 +279,10 @@ class CausalLMPSFT:
         for lm in list(self._plans.keys()):
             self._drop(lm)
 
-    def uses_fused(self, lm: nn.Module) -> bool:
-        """Whether calls with this (unwrapped) model take the fused linear path, as decided so
-        far (the check of the first call may still turn it off)."""
-        return bool(self._plan(lm))
+    def uses_fused(self, model: nn.Module) -> bool:
+        """Whether calls with this model (or a wrapper of it) take the fused linear path, as
+        decided so far (the check of the first call may still turn it off)."""
+        return bool(self._plan(unwrap_model(model), model))
 
     def _drop(self, lm):
         plan = self._plans.get(lm)
@@ -294,7 +295,7 @@ class CausalLMPSFT:
                       f"the fused linear path (same result, more memory)", stacklevel=4)
         self._drop(lm)
 
-    def _plan(self, lm: nn.Module):
+    def _plan(self, lm: nn.Module, model: Optional[nn.Module] = None):
         plan = self._plans.get(lm)
         if plan is not None:
             return plan
@@ -309,6 +310,7 @@ class CausalLMPSFT:
         target = lm.get_base_model() if callable(getattr(lm, "get_base_model", None)) else lm
         get_head = getattr(target, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
+        head = _fsdp1_inner(head)
         if type(head) is not nn.Linear and not _fsdp2_linear(head):
             # A subclass (a LoRA-wrapped or quantized head) may compute something else than
             # F.linear with its weight (FSDP2's wrapper of an nn.Linear does not).
@@ -330,7 +332,7 @@ class CausalLMPSFT:
         kwargs = {"logits_to_keep": 1}
         if "use_cache" in params:
             kwargs["use_cache"] = False
-        plan = _FusedPlan(backbone, head, kwargs, _gathered_in_forward(target, head))
+        plan = _FusedPlan(backbone, head, kwargs, _sharding(model, target, head))
         self._plans[lm] = plan
         return plan
 
@@ -370,8 +372,9 @@ class CausalLMPSFT:
             plan.capture.armed = False
             plan.capture.value = None
 
-    def _verify(self, lm, plan, inputs):
-        # A separate no-grad forward of the unwrapped model, once per model: checking inside the
+    def _verify(self, lm, plan, inputs, model):
+        # A separate no-grad forward of the unwrapped model (of the wrapper under FSDP1, whose
+        # parameters are whole only inside its forward), once per model: checking inside the
         # training forward would, on a mismatch, need a second grad-enabled forward of the same
         # micro-batch, which DDP does not allow before a backward. In eval mode, so that it
         # draws no dropout randomness: the training run's random stream stays that of plain SFT.
@@ -388,7 +391,8 @@ class CausalLMPSFT:
         lm.eval()
         try:
             with torch.no_grad():
-                output, hidden = self._run(lm, plan, inputs)
+                output, hidden = self._run(model if plan.sharding.verify_wrapped else lm,
+                                           plan, inputs)
                 why = self._probe(output, hidden, head_calls)
         finally:
             lm.train(was_training)
@@ -407,31 +411,35 @@ class CausalLMPSFT:
     # ---------------------------------------------------------------------------------------
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any],
-                lm: Optional[nn.Module] = None, fused=None):
+                lm: Optional[nn.Module] = None, fused=None, join=None):
         """Runs ``model`` on the batch's model inputs; returns the loss's inputs. With ``fused``
         (a function of the fused path's HeadInputs), returns ``fused``'s result on the fused path
-        instead, computed inside the LM head's forward where FSDP2 / ZeRO-3 gather its weight
-        only there; the HeadInputs of the logits path otherwise."""
+        instead, computed inside the LM head's forward where FSDP / ZeRO-3 gather its weight
+        only there; the HeadInputs of the logits path otherwise. ``join(result, logits)``, where
+        given, ties a differentiable result to the model's output under FSDP1 / ZeRO-3, whose
+        backward hooks (re-gathering, gradient reduction) hang on the model's outputs."""
         lm = unwrap_model(model) if lm is None else lm
         inputs = model_inputs(batch)
-        plan = self._plan(lm)
+        plan = self._plan(lm, model)
         if plan and not plan.verified:
-            self._verify(lm, plan, inputs)
-            plan = self._plan(lm)
-        if plan and plan.inside:
+            self._verify(lm, plan, inputs, model)
+            plan = self._plan(lm, model)
+        if plan and plan.sharding.inside:
             if fused is None:
                 raise ValueError("psft_ext: the LM head's weight is gathered only inside its "
-                                 "forward (FSDP2 / ZeRO-3): CausalLMPSFT.forward needs the "
+                                 "forward (FSDP / ZeRO-3): CausalLMPSFT.forward needs the "
                                  "fused computation (fused=...) to run there")
             plan.request = fused
             try:
-                self._run(model, plan, inputs)
+                output, _ = self._run(model, plan, inputs)
             finally:
                 plan.request = None
             result, plan.result = plan.result, None
             if result is None:
                 raise RuntimeError("psft_ext: the LM head did not run after the backbone in the "
                                    "model's forward; the fused loss could not be computed")
+            if join is not None and plan.sharding.join and torch.is_grad_enabled():
+                result = join(result, _logits_of(output))
             return result
         if plan:
             output, hidden = self._run(model, plan, inputs)
@@ -467,7 +475,10 @@ class CausalLMPSFT:
                     num_items=num_items, return_metrics=True, fn="CausalLMPSFT.loss")
             return _joined(loss, head.output), metrics
 
-        head = self.forward(model, batch, lm, fused=fused)
+        def join(result, output):
+            return _joined(result[0], output), result[1]
+
+        head = self.forward(model, batch, lm, fused=fused, join=join)
         if not isinstance(head, HeadInputs):
             return head
         return logits_loss(head.logits, targets.to(head.logits.device),
@@ -510,14 +521,50 @@ def _fsdp2_linear(head) -> bool:
             and type(head).__bases__ == (fsdp_module, nn.Linear))
 
 
-def _gathered_in_forward(lm: nn.Module, head: nn.Module) -> bool:
-    """Whether the LM head's weight is whole only inside the model's forward: FSDP2 (the head a
-    unit of its own, or in a unit that may reshard) and DeepSpeed ZeRO-3 (partitioned
-    parameters carry ds_id)."""
+class _Sharding(NamedTuple):
+    """How the LM head's weight is sharded, as far as the fused path cares."""
+
+    inside: bool = False  # whole only inside the model's forward: compute the loss there
+    join: bool = False  # backward hooks only on the model's outputs: join the loss to them
+    verify_wrapped: bool = False  # the first call's check runs through the wrapper
+
+
+def _sharding(model: Optional[nn.Module], lm: nn.Module, head: nn.Module) -> _Sharding:
+    """FSDP2 (the head a unit of its own, or in a unit that may reshard): gathered in the
+    forward, and FSDP2 runs its backward hooks for any use of the gathered weight. FSDP1: the
+    flat parameters are whole only inside the wrapper's forward, and re-gathered for the
+    backward (or reduced, for the root) from hooks on the wrapper's outputs. DeepSpeed ZeRO-3
+    (partitioned parameters carry ds_id): gathered in the module's forward, its backward hooks
+    on the module's outputs."""
+    if model is not None and _fsdp1_modules(model):
+        return _Sharding(inside=True, join=True, verify_wrapped=True)
     fsdp_module = _fsdp2_module_class()
     if fsdp_module is not None and (isinstance(lm, fsdp_module) or isinstance(head, fsdp_module)):
-        return True
-    return hasattr(getattr(head, "weight", None), "ds_id")
+        return _Sharding(inside=True)
+    if hasattr(getattr(head, "weight", None), "ds_id"):
+        return _Sharding(inside=True, join=True)
+    return _Sharding()
+
+
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return None
+    return FullyShardedDataParallel
+
+
+def _fsdp1_modules(model: nn.Module) -> bool:
+    fsdp1 = _fsdp1_class()
+    return fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules())
+
+
+def _fsdp1_inner(head):
+    """The nn.Linear inside an FSDP1 unit of its own (FSDP1 gathers, then calls it)."""
+    fsdp1 = _fsdp1_class()
+    if fsdp1 is not None and isinstance(head, fsdp1) and type(head.module) is nn.Linear:
+        return head.module
+    return head
 
 
 def _ddp_static_graph(model: nn.Module) -> bool:
@@ -527,13 +574,15 @@ def _ddp_static_graph(model: nn.Module) -> bool:
 
 def _joined(loss: torch.Tensor, output: Optional[torch.Tensor]) -> torch.Tensor:
     """``loss`` plus an exact 0 computed from the model's output, under DDP with
-    ``static_graph=True`` only. The fused loss reads the backbone's hidden states and the head's
-    weight, not what the model returned; a static-graph DDP schedules its gradient all-reduce
-    from the backward of the model's outputs, so without the join each rank would keep its own
-    gradients. The join costs a pass over the head's weight gradient (its zero gradient flows
-    back through the head for the kept position), hence nowhere else. The sum of an empty slice
-    is 0 whatever the output holds (inf or NaN included); it goes to the loss's device, which is
-    the head's (a model split over GPUs returns its outputs on the first one)."""
+    ``static_graph=True``, FSDP1 and ZeRO-3 only. The fused loss reads the backbone's hidden
+    states and the head's weight, not what the model returned; these wrappers hang their backward
+    work on the model's outputs (a static-graph DDP its gradient all-reduce, FSDP1 its root's
+    backward state, ZeRO-3 the re-gathering of each module), so without the join each DDP rank
+    would keep its own gradients and FSDP1 / ZeRO-3 would fail in the backward. The join costs
+    a pass over the head's weight gradient (its zero gradient flows back through the head for
+    the kept position), hence nowhere else. The sum of an empty slice is 0 whatever the output
+    holds (inf or NaN included); it goes to the loss's device, which is the head's (a model split
+    over GPUs returns its outputs on the first one)."""
     if output is None or not output.requires_grad:
         return loss
     return loss + output.narrow(-1, 0, 0).sum().to(loss.device)

@@ -38,12 +38,11 @@ How the Trainer's loop is used (transformers 5.x):
 * Evaluation reports the token-mean negative log-likelihood as ``eval_loss`` (comparable with
   an SFT run's).
 
-Parallelism: DDP (``torchrun`` / ``accelerate launch``) is tested. Under FSDP2 (accelerate's
-``fsdp_version: 2``) the fused linear loss is computed inside the LM head's forward, where its
-weight is gathered (the mechanism tested in plain FSDP2 loops; the Trainer enables FSDP only on
-GPUs, so not tested through it). Under FSDP1 and DeepSpeed ZeRO-3 the loss is computed from the
-logits the model returns (the fused linear path is turned off, with a warning); the old log-probs
-are computed through the wrapped model. Tensor, context and sequence parallelism and
+Parallelism: DDP (``torchrun`` / ``accelerate launch``) and DeepSpeed ZeRO-3 are tested (on CPU
+processes). Under FSDP2, FSDP1 and ZeRO-3 the fused linear loss is computed inside the LM head's
+forward, where its weight is gathered (see CausalLMPSFT; FSDP through the Trainer is not tested:
+accelerate enables it only on GPUs, the mechanism is tested in plain loops); the old log-probs are
+computed through the wrapped model. Tensor, context and sequence parallelism and
 ``torch.nn.DataParallel`` are refused (for tensor parallelism, the plain-loop helpers:
 docs/scaling.md).
 """
@@ -215,18 +214,6 @@ class PSFTTrainerMixin:
         """Why the fused linear path must not be used with this setup, or None."""
         if getattr(self, "is_fsdp_xla_enabled", False):
             return "under XLA's FSDP the LM head's weight is sharded outside the model's forward"
-        if getattr(self, "is_fsdp_enabled", False):
-            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-            if getattr(plugin, "fsdp_version", 1) == 2:
-                return None  # computed inside the LM head's forward (CausalLMPSFT)
-            return ("under FSDP1 the LM head's weight is gathered only inside the wrapped "
-                    "forward, and its backward re-gathers only for the model's own outputs "
-                    "(FSDP2, fsdp_version 2, keeps the fused path)")
-        if getattr(self, "is_deepspeed_enabled", False):
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-                return ("under DeepSpeed ZeRO-3 the LM head's weight is partitioned outside the "
-                        "forward")
         if getattr(self, "is_distributed_loading_by_transformers", False):
             return "the model's parameters are distributed tensors (sharded at load time)"
         return None

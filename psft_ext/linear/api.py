@@ -97,7 +97,7 @@ def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bi
     if group is not None:
         loss, _, _, metrics = _vocab_parallel(hidden, weight, bias, targets, inputs, params,
                                               group, return_metrics, chunk, compute_dtype,
-                                              accumulate_float32, fn)
+                                              accumulate_float32, fn, True)
         return shaped_result(loss, metrics, targets, params, return_metrics)
     loss, _, _, metrics, *_ = ops.linear_fwd(
         as_rows(hidden), weight, bias, flat_targets(targets, params.ignore_index),
@@ -108,12 +108,13 @@ def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bi
 
 
 def _vocab_parallel(hidden, weight, bias, targets, inputs, params, group, with_metrics, chunk,
-                    compute_dtype, accumulate_float32, fn):
+                    compute_dtype, accumulate_float32, fn, loss_only):
     flat = flat_targets(targets, params.ignore_index)
     slices = vocab_parallel.exchange_layout(group, flat, weight.shape[0], params.ignore_index, fn)
     call = vocab_parallel.call_of(flat, inputs, params, params.ignore_index, with_metrics)
     return vocab_parallel.LinearFunction.apply(as_rows(hidden), weight, bias, call, slices, chunk,
-                                               compute_dtype, bool(accumulate_float32))
+                                               compute_dtype, bool(accumulate_float32),
+                                               loss_only and torch.is_grad_enabled())
 
 
 def linear_psft_loss(
@@ -210,7 +211,8 @@ def linear_token_logprobs(
     if group is not None:
         inputs = loss_inputs(params, targets, fn, device=hidden.device, where="hidden")
         _, logp, entropy, _ = _vocab_parallel(hidden, weight, bias, targets, inputs, params,
-                                              group, False, chunk, compute_dtype, True, fn)
+                                              group, False, chunk, compute_dtype, True, fn,
+                                              False)
         return logprobs_of(logp, entropy, targets.shape, with_entropy)
     _, logp, entropy, *_ = ops.linear_fwd(
         as_rows(hidden), weight, bias, flat_targets(targets, ignore_index), no_token_inputs(),

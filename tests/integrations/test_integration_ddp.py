@@ -5,9 +5,10 @@ DDP: PSFTTrainer makes the same steps: same gradients at every optimizer step, s
 and metrics, same final weights. The token mean counts the tokens of both ranks, and each rank's
 old-policy cache (and checkpoint file) covers its own micro-batches.
 
-FSDP2: the Trainer only enables FSDP on GPUs, so the CPU check is a plain loop (OldPolicyGroups +
-CausalLMPSFT) on a model sharded with ``fully_shard``, the LM head in the root unit or a unit of its
-own: its weight is whole only inside the model's forward, where the fused loss is computed.
+Sharded: the Trainer enables FSDP only on GPUs, so the CPU check of FSDP2 and FSDP1 is a plain
+loop (OldPolicyGroups + CausalLMPSFT), the LM head in the root unit or a unit of its own: its
+weight is whole only inside the model's forward, where the fused loss is computed. DeepSpeed
+ZeRO-3 (its CPU accelerator) runs in the same plain loop and through PSFTTrainer.
 """
 
 import os
@@ -39,7 +40,7 @@ def launched(tmp_path_factory):
     """One launch of distributed_worker.py on 2 CPU processes (both checks run in it)."""
     tmp = tmp_path_factory.mktemp("distributed")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     cmd = torchrun(2) + [os.path.join(HERE, "distributed_worker.py"),
                          "--output-dir", str(tmp / "ddp"), "--result", str(tmp / "result.pt")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -101,15 +102,55 @@ def test_ddp_two_processes_match_one(launched, worker, single):
         assert cache["world_size"] == 2 and len(cache["old_logprobs"]) == 1
 
 
-@pytest.mark.parametrize("unit", ["root", "head"])
-def test_fsdp2_plain_loop_matches_one_process(launched, worker, unit):
-    """The fused path under FSDP2, the LM head in the root unit or a unit of its own: no
-    fallback, the same weights as one process (the clip fractions are each rank's own tokens')."""
-    sharded = launched[1][f"fsdp2_{unit}"]
-    single = worker.run_fsdp2_loop()
+@pytest.fixture(scope="module")
+def single_loop(worker):
+    return worker.run_sharded_loop()
+
+
+@pytest.mark.parametrize("shard", ["fsdp2_root", "fsdp2_head", "fsdp1_root", "fsdp1_head",
+                                   "zero3"])
+def test_sharded_plain_loop_matches_one_process(launched, single_loop, shard):
+    """The fused path under FSDP2, FSDP1 (the LM head in the root unit or a unit of its own) and
+    ZeRO-3: no fallback, the same weights as one process (the clip fractions are each rank's own
+    tokens'). Without the loss's join to the model's output, FSDP1 stops in its backward
+    ("expected to be in states FORWARD_BACKWARD") and ZeRO-3 meets its released LM head."""
+    if shard == "zero3":
+        pytest.importorskip("deepspeed")
+    sharded = launched[1][shard]
+    single = single_loop
     assert single["fused"] and sharded["fused"]
     assert sharded["warnings"] == [] and single["warnings"] == []
     assert any(c > 0 for c in single["clip"])
     for name, w in single["weights"].items():
         torch.testing.assert_close(sharded["weights"][name], w, rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_trainer_zero3_matches_one_process(launched, single):
+    """PSFTTrainer under DeepSpeed ZeRO-3 (2 processes, partitioned parameters) keeps the fused
+    path and trains as one process does: the same logged loss and metrics, the same weights."""
+    pytest.importorskip("deepspeed")
+    zero3 = launched[1]["trainer_zero3"]
+    assert zero3["world_size"] == 2 and zero3["zero3"] and zero3["fused"]
+    for lz, ls in zip(zero3["logs"], single["logs"]):
+        for key in ("loss", *METRIC_NAMES):
+            assert lz[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(zero3["weights"][name], w, rtol=1e-4, atol=1e-5)
+
+
+def test_trl_trainer_zero3_matches_one_process(launched, worker, tmp_path):
+    """TRL's PSFTTrainer (an SFTTrainer, prompt-completion data) under ZeRO-3 keeps the fused path
+    and trains as one process does."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    zero3 = launched[1]["trl_zero3"]
+    single = worker.run_trl(tmp_path, per_device_batch=4)
+    assert zero3["world_size"] == 2 and zero3["fused"] and single["fused"]
+    assert len(zero3["logs"]) == len(single["logs"]) == worker.TRAINER_STEPS
+    for lz, ls in zip(zero3["logs"], single["logs"]):
+        for key in ("loss", *METRIC_NAMES):
+            assert lz[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
+    assert any(entry["clip_fraction"] > 0 for entry in single["logs"])
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(zero3["weights"][name], w, rtol=1e-4, atol=1e-5)
