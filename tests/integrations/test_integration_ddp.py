@@ -73,6 +73,17 @@ def _assert_same_grads(ddp, single, steps):
                                        msg=lambda m: f"step {step + 1}, {name}: {m}")
 
 
+def _assert_same_run(run, single):
+    """The same logged loss and metrics at every step, some clipping, the same final weights."""
+    assert len(run["logs"]) == len(single["logs"]) > 0
+    for lr, ls in zip(run["logs"], single["logs"]):
+        for key in ("loss", *METRIC_NAMES):
+            assert lr[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
+    assert any(entry["clip_fraction"] > 0 for entry in single["logs"])
+    for name, w in single["weights"].items():
+        torch.testing.assert_close(run["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_ddp_static_graph_all_reduces(launched, worker, single):
     """ddp_static_graph=True: the fused loss reads the hidden states and the head's weight, not
     the model's output, yet every rank gets the all-reduced gradient (before the loss was joined
@@ -88,12 +99,7 @@ def test_ddp_two_processes_match_one(launched, worker, single):
     assert ddp["world_size"] == 2
 
     _assert_same_grads(ddp, single, worker.TRAINER_STEPS)
-    for ld, ls in zip(ddp["logs"], single["logs"]):
-        for key in ("loss", *METRIC_NAMES):
-            assert ld[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
-    assert any(entry["clip_fraction"] > 0 for entry in single["logs"])
-    for name, w in single["weights"].items():
-        torch.testing.assert_close(ddp["weights"][name], w, rtol=1e-4, atol=1e-5)
+    _assert_same_run(ddp, single)
 
     # Each rank saved its own old-policy cache (step 3 of 4: one step of the group left).
     for rank in (0, 1):
@@ -132,11 +138,7 @@ def test_trainer_zero3_matches_one_process(launched, single):
     pytest.importorskip("deepspeed")
     zero3 = launched[1]["trainer_zero3"]
     assert zero3["world_size"] == 2 and zero3["zero3"] and zero3["fused"]
-    for lz, ls in zip(zero3["logs"], single["logs"]):
-        for key in ("loss", *METRIC_NAMES):
-            assert lz[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
-    for name, w in single["weights"].items():
-        torch.testing.assert_close(zero3["weights"][name], w, rtol=1e-4, atol=1e-5)
+    _assert_same_run(zero3, single)
 
 
 def test_trl_trainer_zero3_matches_one_process(launched, worker, tmp_path):
@@ -147,10 +149,4 @@ def test_trl_trainer_zero3_matches_one_process(launched, worker, tmp_path):
     zero3 = launched[1]["trl_zero3"]
     single = worker.run_trl(tmp_path, per_device_batch=4)
     assert zero3["world_size"] == 2 and zero3["fused"] and single["fused"]
-    assert len(zero3["logs"]) == len(single["logs"]) == worker.TRAINER_STEPS
-    for lz, ls in zip(zero3["logs"], single["logs"]):
-        for key in ("loss", *METRIC_NAMES):
-            assert lz[key] == pytest.approx(ls[key], rel=1e-4, abs=1e-6), key
-    assert any(entry["clip_fraction"] > 0 for entry in single["logs"])
-    for name, w in single["weights"].items():
-        torch.testing.assert_close(zero3["weights"][name], w, rtol=1e-4, atol=1e-5)
+    _assert_same_run(zero3, single)
