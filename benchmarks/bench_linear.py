@@ -35,9 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import (  # noqa: E402
-    IGNORED_SHARE, _mib, add_common_arguments, device_and_dtype, environment, fill_normal_,
-    guarded, parse_shapes, peak_extra_memory, print_header, time_median, warm_up_clocks,
-    write_json)
+    IGNORED_SHARE, _mib, add_common_arguments, add_timing_arguments,
+    device_and_dtype, environment, fill_normal_,
+    guarded, parse_shapes, peak_extra_memory, print_header, time_median, timing,
+    warm_up_clocks, write_json)
 
 import psft_ext  # noqa: E402
 from psft_ext import linear as psft_linear  # noqa: E402
@@ -244,9 +245,7 @@ def main(argv=None):
                    help="comma-separated subset (liger only where installed); default: all, "
                         "fused_linear_lowacc only for bfloat16 / float16")
     p.add_argument("--liger-seq", type=int, default=1024, help="tokens per sequence for Liger")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    add_timing_arguments(p)
     args = p.parse_args(argv)
 
     device, dtype = device_and_dtype(args)
@@ -254,8 +253,7 @@ def main(argv=None):
     if not cuda:
         mmap_large_allocations()
     shapes = parse_shapes(args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))
-    reps = args.reps or (10 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    reps, warmup = timing(args, cuda, reps=(10, 3), warmup=(2, 1))
 
     default = "fused_linear,mat+fused,mat+reference,liger"
     if dtype != torch.float32:

@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import (  # noqa: E402
-    IGNORED_SHARE, _mib, _ms, add_common_arguments, device_and_dtype, environment, fill_normal_,
-    guarded, parse_shapes, peak_extra_memory, print_header, time_median, warm_up_clocks,
-    write_json)
+    IGNORED_SHARE, _mib, _ms, add_common_arguments, add_timing_arguments,
+    device_and_dtype, environment, fill_normal_,
+    guarded, parse_shapes, peak_extra_memory, print_header, time_median, timing,
+    warm_up_clocks, write_json)
 
 import psft_ext  # noqa: E402
 
@@ -178,16 +179,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(p, "hidden, weight and logits", shapes_form="NxHxV")
     p.add_argument("--contenders", default=None, help="comma-separated subset; default: all")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    add_timing_arguments(p)
     args = p.parse_args(argv)
 
     device, dtype = device_and_dtype(args)
     cuda = device.type == "cuda"
     shapes = parse_shapes(args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))
-    reps = args.reps or (10 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    reps, warmup = timing(args, cuda, reps=(10, 3), warmup=(2, 1))
     available = {
         "psft_linear": lambda: ("linear", psft_linear),
         "verl_torch": lambda: ("linear", make_verl("torch")),

@@ -391,6 +391,21 @@ def add_common_arguments(p, item, shapes_default=None, shapes_form="NxV"):
                    help="write results here, after every shape (default: print only)")
 
 
+def add_timing_arguments(p):
+    """--reps, --warmup and --no-memory, for the scripts that time and measure memory."""
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+
+
+def timing(args, cuda, reps, warmup):
+    """(timed runs, warm-up runs): the options given, else the defaults ``reps`` and ``warmup``,
+    each a (CUDA, CPU) pair."""
+    pick = 0 if cuda else 1
+    return (args.reps or reps[pick],
+            args.warmup if args.warmup is not None else warmup[pick])
+
+
 def device_and_dtype(args):
     device = torch.device(args.device)
     return device, DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -425,17 +440,14 @@ def main(argv=None):
     add_common_arguments(p, "logits")
     p.add_argument("--peers", default="compile,liger,copy",
                    help="CUDA extras among compile,liger,copy (comma-separated; '' for none)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    add_timing_arguments(p)
     p.add_argument("--no-reference", action="store_true", help="time the fused loss only")
     args = p.parse_args(argv)
 
     device, dtype = device_and_dtype(args)
     cuda = device.type == "cuda"
     shapes = parse_shapes(args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))
-    reps = args.reps or (20 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    reps, warmup = timing(args, cuda, reps=(20, 5), warmup=(3, 1))
 
     contenders = {"fused": fused_loss, "fused_two_pass": fused_two_pass_loss}
     if not args.no_reference:

@@ -32,7 +32,8 @@ from psft_ext.integrations.old_policy import (OldPolicyGroups, compute_old_logpr
 def parallelize(model, world, dp):
     """The LM head split over the vocabulary (ColwiseParallel: each rank computes its slice of
     the logits), each MLP split over its intermediate size (gate / up columnwise, down rowwise);
-    with dp > 1, FSDP2 over the data-parallel dimension. Returns the data-parallel group."""
+    with dp > 1, FSDP2 over the data-parallel dimension. Returns the data-parallel group (None
+    without data parallelism)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
@@ -46,11 +47,12 @@ def parallelize(model, world, dp):
         plan[f"model.layers.{i}.mlp.up_proj"] = ColwiseParallel()
         plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
     parallelize_module(model, mesh["tp"], plan)
-    if dp > 1:
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model.lm_head, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+    if dp == 1:
+        return None
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model.lm_head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
     return mesh["dp"].get_group()
 
 
@@ -95,8 +97,6 @@ def main(argv=None):
 
     model = tiny_llama(args.seed)  # the same initial weights on every rank
     dp_group = parallelize(model, world, args.dp) if world > 1 else None
-    if args.dp == 1:
-        dp_group = None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     head = CausalLMPSFT(clip_low=0.2, clip_high=0.28)

@@ -61,9 +61,8 @@ def shaped_result(loss, metrics, targets, params, return_metrics):
 
 
 def _vocab_parallel(rows, targets, inputs, params, group, with_metrics, fn):
-    flat = flat_targets(targets, params.ignore_index)
-    slices = vocab_parallel.exchange_layout(group, flat, rows.shape[1], params.ignore_index, fn)
-    call = vocab_parallel.call_of(flat, inputs, params, params.ignore_index, with_metrics)
+    call, slices = vocab_parallel.prepare(group, flat_targets(targets, params.ignore_index),
+                                          rows.shape[1], inputs, params, with_metrics, fn)
     return vocab_parallel.LogitsFunction.apply(rows, call, slices)
 
 

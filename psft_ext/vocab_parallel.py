@@ -328,11 +328,14 @@ def _linear_grads(ctx, hidden, weight, bias, stats, scale, ent_scale):
                           bias is not None and needs[2])
 
 
-def call_of(targets, inputs, params, ignore_index, with_metrics):
-    """The per-call constants of the functions above."""
-    return _Call(targets, inputs.token_inputs, list(params.op_args(inputs.advantage)),
-                 ignore_index, inputs.seq_len, inputs.num_items, inputs.num_items_value,
+def prepare(group, targets, local_vocab, inputs, params, with_metrics, fn):
+    """(the per-call constants, the group's slices) of a call of the functions above, after the
+    layout check (exchange_layout); ``targets`` are the flat global ids."""
+    slices = exchange_layout(group, targets, local_vocab, params.ignore_index, fn)
+    call = _Call(targets, inputs.token_inputs, list(params.op_args(inputs.advantage)),
+                 params.ignore_index, inputs.seq_len, inputs.num_items, inputs.num_items_value,
                  bool(with_metrics))
+    return call, slices
 
 
 def _dtensor_class():

@@ -109,9 +109,8 @@ def linear_loss(hidden, weight, targets, old_logprobs, params: LossParams, *, bi
 
 def _vocab_parallel(hidden, weight, bias, targets, inputs, params, group, with_metrics, chunk,
                     compute_dtype, accumulate_float32, fn, loss_only):
-    flat = flat_targets(targets, params.ignore_index)
-    slices = vocab_parallel.exchange_layout(group, flat, weight.shape[0], params.ignore_index, fn)
-    call = vocab_parallel.call_of(flat, inputs, params, params.ignore_index, with_metrics)
+    call, slices = vocab_parallel.prepare(group, flat_targets(targets, params.ignore_index),
+                                          weight.shape[0], inputs, params, with_metrics, fn)
     return vocab_parallel.LinearFunction.apply(as_rows(hidden), weight, bias, call, slices, chunk,
                                                compute_dtype, bool(accumulate_float32),
                                                loss_only and torch.is_grad_enabled())
